@@ -1,0 +1,61 @@
+"""The ``cocomix`` command line.
+
+Every command is a config dataclass (fields = flags, see :mod:`cocomix.pipeline.configs`)
+plus a run function imported lazily, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import typer
+
+from cocomix.pipeline import __version__
+from cocomix.pipeline.configs import add_command
+from cocomix.pipeline.logs import setup_logging
+from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
+from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
+from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
+
+app = typer.Typer(
+    name="cocomix",
+    help="CoCoMix pretraining in two stages: `extract` concept targets once, `pretrain` many students.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+sae_app = typer.Typer(help="Sparse autoencoders for teachers without a published one.", no_args_is_help=True)
+app.add_typer(sae_app, name="sae")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cocomix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    setup_logging(verbose)
+
+
+COMMANDS = {
+    "tokenize": (app, TokenizeConfig, "cocomix.storage.tokenize:run_tokenize"),
+    "inspect": (app, InspectConfig, "cocomix.storage.inspect:run_inspect"),
+    "verify": (app, VerifyConfig, "cocomix.storage.verify:run_verify"),
+    "extract": (app, ExtractConfig, "cocomix.stage1_extract.extract:run_extract"),
+    "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae_train:run_sae_train"),
+    "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
+    "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
+}
+
+for _name, (_app, _cfg, _run) in COMMANDS.items():
+    add_command(_app, _name.split()[-1], _cfg, _run)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Configs of stage 1: ``extract`` and ``sae train``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cocomix.pipeline.configs import flag
+from cocomix.pipeline.errors import ConfigError
+
+DEFAULT_TEACHER = "openai-community/gpt2"
+DEFAULT_SAE = "openai:v5_32k/resid_post_mlp/5"
+
+
+@dataclass
+class ExtractConfig:
+    """Run teacher + TopK SAE + attribution over a token store and write concept-target shards."""
+
+    tokens: str | None = flag(None, help="Token store to label. Default: <workspace>/tokens/<corpus> (tokenized first if missing).")
+    corpus: str | None = flag(None, help="Corpus to tokenize with the teacher's tokenizer when --tokens is not given (e.g. openwebtext).")
+    teacher: str = flag(DEFAULT_TEACHER, help="Teacher: hub id or local folder of a GPT-2-family causal LM.")
+    sae: str = flag(DEFAULT_SAE, help="SAE: `openai:<version>/<location>/<layer>`, an OpenAI .pt file, a SAELens folder or a cocomix SAE folder.")
+    layer: int = flag(5, help="Hook: output of this block (0-based) = hidden_states[layer + 1].")
+    out: str | None = flag(None, help="Output target folder. Default: <workspace>/targets/<corpus>.")
+    k_attr: int = flag(4, help="Concept labels kept per token (best first).")
+    window: int = flag(1024, help="Teacher context: the split is cut into windows of this many tokens.")
+    windows_per_shard: int = flag(256, help="Windows per output shard (the unit of resume and of work between ranks).")
+    batch_size: int = flag(8, help="Windows per teacher batch.")
+    selection: str = flag("attribution", help="Label rule: `attribution` (gradient x activation, the paper) or `activation` (ablation).")
+    attribution_input: str = flag("post", help="`post`: score the TopK activations (official code); `pre`: score pre-activations densely (paper Eq. 1).")
+    score_dtype: str = flag("float32", help="dtype of stored scores: float32 or float16.")
+    device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: str = flag("auto", help="Teacher compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32`, `bfloat16`.")
+    splits: str = flag("train,val", help="Comma-separated splits to label.")
+    workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
+    overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("attribution", "activation"):
+            raise ConfigError(f"--selection must be `attribution` or `activation`, got {self.selection!r}")
+        if self.attribution_input not in ("post", "pre"):
+            raise ConfigError(f"--attribution-input must be `post` or `pre`, got {self.attribution_input!r}")
+        if self.k_attr < 1:
+            raise ConfigError(f"--k-attr must be >= 1, got {self.k_attr}")
+        if self.window < 2:
+            raise ConfigError(f"--window must be >= 2, got {self.window}")
+        if self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.score_dtype not in ("float32", "float16"):
+            raise ConfigError(f"--score-dtype must be float32 or float16, got {self.score_dtype!r}")
+        if self.tokens is None and self.corpus is None:
+            raise ConfigError("pass --tokens DIR (a token store) or --corpus SRC (e.g. openwebtext)")
+
+
+@dataclass
+class SaeTrainConfig:
+    """Train a TopK SAE (Gao et al. recipe) on a teacher's hidden states, streamed from a token store."""
+
+    teacher: str = flag(help="Teacher: hub id or local folder of a GPT-2-family causal LM.")
+    tokens: str = flag(help="Token store whose `train` split feeds the teacher.")
+    layer: int = flag(help="Hook: output of this block (0-based).")
+    out: str = flag(help="Output folder (cocomix SAE format: cfg.json + sae.safetensors).")
+    latents: int = flag(32768, help="Number of SAE latents.")
+    k: int = flag(32, help="Active latents per token (TopK).")
+    train_tokens: int = flag(10_000_000, help="Activations (tokens) to train on.")
+    batch_tokens: int = flag(4096, help="Activations per optimizer step.")
+    lr: float = flag(1e-4, help="Adam learning rate.")
+    auxk: int = flag(256, help="AuxK: dead latents used for the auxiliary reconstruction.")
+    auxk_coef: float = flag(1 / 32, help="AuxK loss coefficient.")
+    dead_tokens: int = flag(10_000_000, help="A latent is dead after this many tokens without firing.")
+    window: int = flag(1024, help="Teacher context length for the activations.")
+    seed: int = flag(0, help="Seed for init and data order.")
+    device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    overwrite: bool = flag(False, help="Replace an existing SAE in --out.")
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.k > self.latents:
+            raise ConfigError(f"--k must be in [1, --latents], got k={self.k}, latents={self.latents}")
+        if self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")

@@ -1,0 +1,56 @@
+"""Configs of stage 2: ``pretrain`` and ``eval``. Size presets live in :mod:`.presets`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cocomix.pipeline.configs import arg, flag
+from cocomix.pipeline.errors import ConfigError
+
+METHODS = ("cocomix", "ntp")
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a CoCoMix student (or the matched NTP baseline) on a token store and target shards."""
+
+    method: str = flag("cocomix", help="`cocomix` (concept prediction + mixing) or `ntp` (plain next-token GPT-2 at matched active parameters).")
+    size: str = flag("69m", help="Model preset: tiny, 69m, 386m, 1b.")
+    tokens: str | None = flag(None, help="Token store. Default: the one the targets were made from, else the workspace's only store.")
+    targets: str | None = flag(None, help="Target-shard folder (cocomix only). Default: the workspace's only target folder.")
+    out: str | None = flag(None, help="Run folder (checkpoints, metrics.jsonl). Default: <workspace>/runs/<method>-<size>.")
+    max_steps: int | None = flag(None, help="Optimizer steps. Default: the preset's (20B tokens).")
+    batch_tokens: int | None = flag(None, help="Tokens per optimizer step (reached by gradient accumulation). Default: the preset's.")
+    micro_batch: int | None = flag(None, help="Windows per forward pass per process. Default: the preset's.")
+    lr: float | None = flag(None, help="Peak learning rate. Default: the preset's (min lr = lr / 10).")
+    seed: int = flag(0, help="Seed for init and data order.")
+    resume: bool = flag(False, help="Continue from the newest complete checkpoint in --out.")
+    eval_every: int = flag(1000, help="Validation perplexity every N steps (0: never).")
+    eval_windows: int = flag(64, help="Validation windows per evaluation.")
+    save_every: int = flag(1000, help="Checkpoint every N steps (0: only at the end).")
+    keep_last: int = flag(3, help="Checkpoints kept (older ones deleted).")
+    log_every: int = flag(10, help="Console/metrics line every N steps.")
+    lam: float = flag(0.1, help="Concept-loss weight lambda.")
+    tracker: str | None = flag(None, help="Also log to `tensorboard` or `wandb` through Accelerate.")
+    workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
+    overwrite: bool = flag(False, help="Start over in a non-empty --out (deletes its checkpoints).")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class EvalConfig:
+    """Validation perplexity of a checkpoint over non-overlapping windows; writes eval.json beside it."""
+
+    ckpt: str = arg(help="Checkpoint folder (a CoCoMix checkpoint or a stock HF GPT-2 folder).")
+    tokens: str = flag(help="Token store whose split is evaluated.")
+    split: str = flag("val", help="Split to evaluate.")
+    window: int = flag(1024, help="Window length.")
+    max_windows: int | None = flag(None, help="Evaluate at most this many windows.")
+    batch_size: int = flag(8, help="Windows per forward pass.")
+    device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")

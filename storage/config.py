@@ -1,0 +1,57 @@
+"""Configs of the storage commands: ``tokenize``, ``inspect``, ``verify``.
+
+Each field is one CLI flag (see :mod:`cocomix.pipeline.configs`); validation lives in
+``__post_init__`` and raises :class:`ConfigError` naming the flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cocomix.pipeline.configs import arg, flag
+from cocomix.pipeline.errors import ConfigError
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenize a corpus into a Zarr token store (train/val splits, EOS after each document)."""
+
+    corpus: str = flag(help="Hub dataset name (`openwebtext` = the hub's OpenWebText) or a local .txt/.jsonl/.json/.parquet file or folder.")
+    out: str | None = flag(None, help="Output token-store folder. Default: <workspace>/tokens/<corpus>.")
+    tokenizer: str | None = flag(None, help="Hub id or local folder of a fast tokenizer. Default: openai-community/gpt2 (unless --train-tokenizer).")
+    train_tokenizer: int | None = flag(None, help="Train a byte-level BPE with this vocabulary size on the corpus instead of loading --tokenizer; saved into the store.")
+    text_field: str = flag("text", help="Field holding the document text in .jsonl/.json/.parquet records and hub datasets.")
+    val_fraction: float = flag(0.0005, help="Share of documents sent to the `val` split (by a seeded hash of the document index).")
+    seed: int = flag(0, help="Seed of the train/val split.")
+    num_proc: int = flag(1, help="Worker processes for tokenization.")
+    batch_size: int = flag(1000, help="Documents per tokenizer batch.")
+    chunk_tokens: int = flag(1 << 20, help="Zarr chunk length in tokens (zstd-compressed).")
+    max_docs: int | None = flag(None, help="Stop after this many documents (for trials).")
+    workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
+    overwrite: bool = flag(False, help="Replace an existing store built from a different corpus or tokenizer.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_proc < 1:
+            raise ConfigError(f"--num-proc must be >= 1, got {self.num_proc}")
+        if self.train_tokenizer is not None and self.tokenizer is not None:
+            raise ConfigError("pass either --tokenizer or --train-tokenizer, not both")
+        if self.train_tokenizer is not None and self.train_tokenizer < 257:
+            raise ConfigError(f"--train-tokenizer must be >= 257 (the byte alphabet plus EOS), got {self.train_tokenizer}")
+
+
+@dataclass
+class InspectConfig:
+    """Summarise a token store or a target folder (counts, splits, shards, provenance, label statistics)."""
+
+    path: str = arg(help="A token-store folder or a target-shard folder.")
+    json: bool = flag(False, help="Print one JSON object instead of tables.")
+    samples: int = flag(8, help="Decoded tokens with their labels to show for a target folder.")
+
+
+@dataclass
+class VerifyConfig:
+    """Check a token store or target folder: checksums, schema, contiguous ranges, full coverage."""
+
+    path: str = arg(help="A token-store folder or a target-shard folder.")
+    tokens: str | None = flag(None, help="Token store to compare each shard's `token` column against.")
