@@ -75,9 +75,10 @@ def _from_pretrained(spec: str) -> tuple[Any, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(spec)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:
         if _is_local(spec):
-            raise CocomixError(f"--teacher {spec}: not a loadable model folder ({err})") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CocomixError(f"--teacher {spec}: not a loadable causal-LM folder ({first})") from None
         raise _offline_error(spec, err) from None
     except Exception as err:  # network errors surface as requests/httpx/hub errors
         if _is_local(spec):
