@@ -89,6 +89,7 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_proj.is_residual_proj = True  # scaled init, see CoCoMixForCausalLM._init_weights
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -109,6 +110,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -217,6 +219,8 @@ class CoCoMixForCausalLM(PreTrainedModel):
         Uses ``transformers.initialization`` so that ``from_pretrained`` never re-initialises loaded weights.
         """
         std = self.config.initializer_range
+        if getattr(module, "is_residual_proj", False):  # (HF skips modules without own parameters)
+            std = std / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -224,8 +228,6 @@ class CoCoMixForCausalLM(PreTrainedModel):
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        if isinstance(module, (SelfAttention, MLP)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, ConceptBottleneck):
             init.zeros_(module.pre_bias)
             init.zeros_(module.compress_bias)
