@@ -1,0 +1,178 @@
+"""Target-shard reader: memory-mapped shards, zero-copy numpy views, windows across shards.
+
+Shape legend: ``N`` rows (tokens) of a window, ``K`` = k_attr labels per token.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage.files import sha256_file
+from cocomix.storage.target_schema import (
+    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
+)
+
+log = logging.getLogger(__name__)
+
+OPEN_SHARDS = 64
+
+
+class TargetWindow(NamedTuple):
+    """Rows ``[start, stop)`` of a split: token [N], concept_ids [N, K], concept_scores [N, K]."""
+
+    tokens: np.ndarray
+    concept_ids: np.ndarray
+    concept_scores: np.ndarray
+
+
+class _Shard(NamedTuple):
+    start: int
+    end: int
+    tokens: np.ndarray
+    ids_NK: np.ndarray
+    scores_NK: np.ndarray
+
+
+def load_manifest(path: Path) -> dict:
+    """``manifest.json`` of a finished target folder, or an error saying how to finish it."""
+    path = Path(path)
+    if not path.exists():
+        raise CocomixError(f"target folder {path} does not exist; run `cocomix extract` first or pass the right folder")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise IntegrityError(f"target folder {path} has no {MANIFEST}: it is incomplete; run the extract again to finish it")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as err:
+        raise IntegrityError(f"{file} is not valid JSON ({err}); run the extract again to rewrite it") from None
+    if manifest.get("format") != FORMAT:
+        raise IntegrityError(f"{file} is not a cocomix target manifest (format {manifest.get('format')!r})")
+    if manifest.get("schema_version") != TARGETS_SCHEMA_VERSION:
+        raise IntegrityError(f"{file} has schema_version {manifest.get('schema_version')}, this cocomix reads {TARGETS_SCHEMA_VERSION}; re-run the extract")
+    return manifest
+
+
+def check_ranges(manifest: dict) -> None:
+    """Per split, shard ranges are contiguous from 0 and end at the split's length."""
+    for split, length in manifest["splits"].items():
+        shards = sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["start"])
+        pos = 0
+        for s in shards:
+            if s["start"] != pos or s["end"] <= s["start"] or s["rows"] != s["end"] - s["start"]:
+                raise IntegrityError(f"shard {s['path']} covers [{s['start']}, {s['end']}) but the next token of split {split!r} is {pos}; ranges must be contiguous")
+            pos = s["end"]
+        if pos != length:
+            raise IntegrityError(f"shards of split {split!r} end at token {pos}, the split has {length}; some shard is missing")
+
+
+class TargetReader:
+    """A finished target folder (see :mod:`.target_schema`)."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.meta: dict = manifest["meta"]
+        self.k_attr = int(manifest["k_attr"])
+        self.n_latents = int(self.meta["sae"]["n_latents"]) if "sae" in self.meta else int(manifest.get("n_latents") or 0)
+        self.ignore_id = int(manifest["ignore_id"])
+        self.splits: list[str] = list(manifest["splits"])
+        d = manifest["dtypes"]
+        self.schema = arrow_schema(d["token"], d["id"], d["score"], self.k_attr)
+        self._by_split = {s: sorted((e for e in manifest["shards"] if e["split"] == s), key=lambda e: e["start"]) for s in self.splits}
+        self._starts = {s: [e["start"] for e in entries] for s, entries in self._by_split.items()}
+        self._open: OrderedDict[str, _Shard] = OrderedDict()
+
+    @classmethod
+    def open(cls, path, verify: bool = False) -> "TargetReader":
+        path = Path(path)
+        manifest = load_manifest(path)
+        for entry in manifest["shards"]:
+            safe_path(path, entry["path"])
+        check_ranges(manifest)
+        reader = cls(path, manifest)
+        if verify:
+            for entry in manifest["shards"]:
+                reader.check_checksum(entry)
+        return reader
+
+    def split_length(self, split: str) -> int:
+        if split not in self.manifest["splits"]:
+            raise CocomixError(f"targets {self.path} have no split {split!r}; known splits: {', '.join(self.splits)}")
+        return int(self.manifest["splits"][split])
+
+    def check_checksum(self, entry: dict) -> None:
+        file = safe_path(self.path, entry["path"])
+        if not file.is_file():
+            raise IntegrityError(f"shard {entry['path']} is missing from {self.path}; run the extract again")
+        if sha256_file(file) != entry["sha256"]:
+            raise IntegrityError(f"shard {entry['path']} fails its sha256 check (corrupt or modified); delete it and run the extract again")
+
+    def shard_views(self, entry: dict) -> _Shard:
+        """Memory-map one shard and return zero-copy views (cached, at most OPEN_SHARDS open)."""
+        key = entry["path"]
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        shard = self._map(entry)
+        self._open[key] = shard
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return shard
+
+    def _map(self, entry: dict) -> _Shard:
+        import pyarrow as pa
+
+        file = safe_path(self.path, entry["path"])
+        if not file.is_file():
+            raise IntegrityError(f"shard {entry['path']} is missing from {self.path}; run the extract again")
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
+            batch = reader.get_batch(0) if reader.num_record_batches == 1 else None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise IntegrityError(f"shard {entry['path']} is unreadable (truncated or corrupt: {err}); delete it and run the extract again") from None
+        if batch is None or not reader.schema.equals(self.schema) or reader.schema.metadata.get(SCHEMA_KEY) != self.schema.metadata[SCHEMA_KEY]:
+            raise IntegrityError(f"shard {entry['path']} does not have the schema of its manifest; delete it and run the extract again")
+        if batch.num_rows != entry["rows"]:
+            raise IntegrityError(f"shard {entry['path']} has {batch.num_rows} rows, its manifest says {entry['rows']}")
+        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr))
+
+    def window(self, split: str, start: int, stop: int) -> TargetWindow:
+        """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard."""
+        length = self.split_length(split)
+        stop = min(stop, length)
+        if not 0 <= start <= stop:
+            raise IndexError(f"bad window [{start}, {stop}) of split {split!r} with {length} tokens")
+        entries, starts = self._by_split[split], self._starts[split]
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        pieces = []
+        while start < stop or not pieces:
+            shard = self.shard_views(entries[i])
+            lo, hi = start - shard.start, min(stop, shard.end) - shard.start
+            pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi]))
+            start, i = shard.start + hi, i + 1
+            if start >= stop:
+                break
+        if len(pieces) == 1:
+            return pieces[0]
+        return TargetWindow(*(np.concatenate(cols) for cols in zip(*pieces)))
+
+    def check_tokens(self, store_provenance: dict) -> None:
+        """MismatchError when these targets were made from another tokenizer, vocabulary or corpus."""
+        ours = self.meta.get("tokens") or {}
+        pairs = [
+            ("tokenizer sha256", self.meta.get("tokenizer_sha256", ours.get("tokenizer_sha256")), store_provenance.get("tokenizer_sha256")),
+            ("vocab_size", self.meta.get("vocab_size", ours.get("vocab_size")), store_provenance.get("vocab_size")),
+            ("corpus fingerprint", (ours.get("corpus") or {}).get("fingerprint"), (store_provenance.get("corpus") or {}).get("fingerprint")),
+        ]
+        counts = store_provenance.get("counts") or {}
+        pairs += [(f"{s} tokens", self.split_length(s), (counts.get(s) or {}).get("n_tokens")) for s in self.splits]
+        for what, mine, theirs in pairs:
+            if mine is not None and theirs is not None and mine != theirs:
+                raise MismatchError(f"targets {self.path} were made with {what} {mine}, the token store has {theirs}; pass the token store the targets were extracted from")

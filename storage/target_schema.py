@@ -1,0 +1,111 @@
+"""Target-shard format (DESIGN.md §3): schema, dtypes, shard plan, safe paths.
+
+::
+
+    <targets>/plan.json                  written first: meta + shard plan + dtypes (lets a re-run resume)
+    <targets>/<split>/shard-NNNNN.arrow  Arrow IPC file, one row per token of [start, end)
+    <targets>/<split>/shard-NNNNN.json   sidecar: range, rows, sha256 (written after the shard)
+    <targets>/manifest.json              written last: everything a reader needs
+
+Columns: ``token`` (uint16|uint32), ``concept_ids`` (fixed_size_list<uint16|uint32>[k]),
+``concept_scores`` (fixed_size_list<float32|float16>[k]). A slot without a label holds
+``ignore_id`` = the id dtype's maximum. Shards are uncompressed so they memory-map.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from cocomix.pipeline.errors import CocomixError, IntegrityError
+
+TARGETS_SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+FORMAT = "cocomix-targets"
+SCHEMA_KEY = b"cocomix.targets.schema_version"
+COLUMNS = ("token", "concept_ids", "concept_scores")
+SCORE_DTYPES = ("float32", "float16")
+
+
+def id_dtype(n_latents: int) -> np.dtype:
+    """uint16 if every latent id and the reserved ignore id fit (n_latents < 65535), else uint32."""
+    if n_latents <= 0:
+        raise CocomixError(f"n_latents must be positive, got {n_latents}")
+    if n_latents < np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if n_latents < np.iinfo(np.uint32).max:
+        return np.dtype(np.uint32)
+    raise CocomixError(f"{n_latents} latents do not fit uint32 concept ids")
+
+
+def ignore_id(dtype) -> int:
+    """The id of a label slot that holds no label: the dtype's maximum."""
+    return int(np.iinfo(np.dtype(dtype)).max)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Tokens ``[start, end)`` of ``split``, stored as shard number ``index`` of that split."""
+
+    split: str
+    index: int
+    start: int
+    end: int
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.split}/shard-{self.index:05d}.arrow"
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: int) -> list[ShardSpec]:
+    """Cut each split into shards of ``window * windows_per_shard`` tokens (the last one shorter)."""
+    if window <= 0 or windows_per_shard <= 0:
+        raise CocomixError(f"window ({window}) and windows per shard ({windows_per_shard}) must be positive")
+    size = window * windows_per_shard
+    plan = []
+    for split, n in split_lengths.items():
+        plan += [ShardSpec(split, i, start, min(start + size, n)) for i, start in enumerate(range(0, n, size))]
+    return plan
+
+
+def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int):
+    """The exact shard schema; the schema version travels in its metadata."""
+    import pyarrow as pa
+
+    if np.dtype(score_dtype).name not in SCORE_DTYPES:
+        raise CocomixError(f"score dtype must be one of {SCORE_DTYPES}, got {np.dtype(score_dtype).name}")
+    ids = pa.list_(pa.field("item", pa.from_numpy_dtype(np.dtype(id_dtype_)), nullable=False), k_attr)
+    scores = pa.list_(pa.field("item", pa.from_numpy_dtype(np.dtype(score_dtype)), nullable=False), k_attr)
+    fields = [
+        pa.field("token", pa.from_numpy_dtype(np.dtype(token_dtype)), nullable=False),
+        pa.field("concept_ids", ids, nullable=False),
+        pa.field("concept_scores", scores, nullable=False),
+    ]
+    return pa.schema(fields, metadata={SCHEMA_KEY: str(TARGETS_SCHEMA_VERSION).encode()})
+
+
+def safe_path(folder: Path, relpath: str) -> Path:
+    """``folder / relpath``, refusing paths that are absolute or leave ``folder``."""
+    rel = PurePosixPath(relpath)
+    resolved = (folder / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not resolved.is_relative_to(folder.resolve()):
+        raise IntegrityError(f"shard path {relpath!r} in {folder / MANIFEST} leaves its folder; the manifest is corrupt or hostile")
+    return folder / rel
+
+
+def shard_column_views(batch, k_attr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-copy numpy views (token [n], concept_ids [n, k], concept_scores [n, k]) of a record batch."""
+    n = batch.num_rows
+    tokens = batch.column(0).to_numpy(zero_copy_only=True)
+    ids_NK = batch.column(1).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
+    scores_NK = batch.column(2).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
+    return tokens, ids_NK, scores_NK

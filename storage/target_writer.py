@@ -1,0 +1,229 @@
+"""Target-shard writer: plan first, each shard atomically with a sidecar, manifest last.
+
+Several processes (ranks, or restarted jobs) may write into one folder: each takes a
+shard by a non-blocking ``fcntl.flock`` on ``.locks/<split>-shard-NNNNN.lock``. The OS
+drops the lock when the process dies, so a SIGKILLed worker never leaves a shard stuck;
+its half-written temporary file is never under the final name and is simply rewritten.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
+from cocomix.storage.target_schema import (
+    FORMAT, MANIFEST, PLAN, TARGETS_SCHEMA_VERSION, ShardSpec, arrow_schema, ignore_id,
+)
+
+log = logging.getLogger(__name__)
+
+LOCKS = ".locks"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def sidecar_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+class TargetWriter:
+    """Context manager writing the shards of ``plan`` into ``out_dir`` (see the module docstring)."""
+
+    def __init__(self, out_dir, *, meta: dict, plan: list[ShardSpec], k_attr: int, id_dtype, score_dtype,
+                 token_dtype, overwrite: bool = False) -> None:
+        self.out = Path(out_dir)
+        self.meta = _jsonable(meta)
+        self.plan = list(plan)
+        self.k_attr = int(k_attr)
+        self.id_dtype, self.score_dtype, self.token_dtype = np.dtype(id_dtype), np.dtype(score_dtype), np.dtype(token_dtype)
+        self.ignore_id = ignore_id(self.id_dtype)
+        self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr)
+        self._locks: dict[ShardSpec, int] = {}
+        self._open_folder(overwrite)
+
+    # ---- plan.json: identity of the folder -------------------------------------------------
+    def _plan_record(self) -> dict:
+        return {
+            "format": FORMAT + "-plan", "schema_version": TARGETS_SCHEMA_VERSION, "meta": self.meta,
+            "k_attr": self.k_attr, "ignore_id": self.ignore_id,
+            "dtypes": {"token": self.token_dtype.name, "id": self.id_dtype.name, "score": self.score_dtype.name},
+            "shards": [s.to_json() for s in self.plan],
+        }
+
+    def _open_folder(self, overwrite: bool) -> None:
+        record = _jsonable(self._plan_record())
+        plan_file = self.out / PLAN
+        if plan_file.is_file():
+            old = json.loads(plan_file.read_text())
+            if old == record:
+                return
+            if not overwrite:
+                raise MismatchError(f"{self.out} holds targets made with different settings ({_diff(old, record)}); pass --overwrite to replace them or choose another --out")
+            self._clear()
+        elif self.out.exists() and any(self.out.iterdir()):
+            if not (self.out / MANIFEST).exists() or not overwrite:
+                raise CocomixError(f"output folder {self.out} is not empty and holds no {PLAN}; choose another --out")
+            self._clear()
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan_file, record)
+
+    def _clear(self) -> None:
+        log.warning("overwrite: clearing %s", self.out)
+        shutil.rmtree(self.out)
+
+    def __enter__(self) -> "TargetWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for spec in list(self._locks):
+            self._release(spec)
+
+    # ---- claiming ---------------------------------------------------------------------------
+    def pending(self, rank: int = 0, world: int = 1) -> list[ShardSpec]:
+        """This rank's (plan index % world == rank) shards that are not done yet."""
+        return [s for i, s in enumerate(self.plan) if i % world == rank and not self.is_done(s)]
+
+    def claim(self, spec: ShardSpec) -> bool:
+        """Take ``spec`` with a non-blocking exclusive lock; False if another process holds it or it is done."""
+        if spec in self._locks:
+            return True
+        lock = self.out / LOCKS / f"{spec.split}-shard-{spec.index:05d}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._locks[spec] = fd
+        if self.is_done(spec):
+            self._release(spec)
+            return False
+        return True
+
+    def _release(self, spec: ShardSpec) -> None:
+        fd = self._locks.pop(spec, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def is_done(self, spec: ShardSpec) -> bool:
+        """Final shard and sidecar present, sidecar agrees with ``spec``, and the sha256 matches."""
+        shard = self.out / spec.relpath
+        side = sidecar_path(shard)
+        if not shard.is_file() or not side.is_file():
+            return False
+        try:
+            info = json.loads(side.read_text())
+        except ValueError:
+            return False
+        same = (info.get("start"), info.get("end"), info.get("rows")) == (spec.start, spec.end, spec.rows)
+        return same and info.get("sha256") == sha256_file(shard)
+
+    # ---- writing ----------------------------------------------------------------------------
+    def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores) -> dict:
+        """Write one shard (tokens [n], ids [n, k], scores [n, k]) atomically; returns its sidecar record."""
+        if spec not in self.plan:
+            raise CocomixError(f"shard {spec} is not in the plan of {self.out}")
+        if spec not in self._locks and not self.claim(spec):
+            raise CocomixError(f"shard {spec.relpath} is held by another process or already done")
+        try:
+            batch = self._batch(spec, tokens, concept_ids, concept_scores)
+            return self._write_batch(spec, batch)
+        finally:
+            self._release(spec)
+
+    def _batch(self, spec: ShardSpec, tokens, concept_ids, concept_scores):
+        import pyarrow as pa
+
+        n, k = spec.rows, self.k_attr
+        tok = _checked_ints(np.asarray(tokens), (n,), self.token_dtype, "token", spec)
+        ids = _checked_ints(np.asarray(concept_ids), (n, k), self.id_dtype, "concept_ids", spec)
+        self._check_latents(ids, spec)
+        scores = np.asarray(concept_scores)
+        if scores.shape != (n, k):
+            raise CocomixError(f"concept_scores of {spec.relpath} has shape {scores.shape}, expected {(n, k)}")
+        scores = np.ascontiguousarray(scores, dtype=self.score_dtype)
+        columns = [
+            pa.array(tok),
+            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), k),
+            pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1)), k),
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+    def _check_latents(self, ids: np.ndarray, spec: ShardSpec) -> None:
+        n_latents = (self.meta.get("sae") or {}).get("n_latents")
+        if n_latents is None:
+            return
+        bad = (ids >= n_latents) & (ids != self.ignore_id)
+        if bad.any():
+            raise CocomixError(f"concept id {int(ids[bad][0])} in {spec.relpath} is not a latent of an SAE with {n_latents}")
+
+    def _write_batch(self, spec: ShardSpec, batch) -> dict:
+        import pyarrow as pa
+
+        final = self.out / spec.relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
+            writer.write_batch(batch)
+        info = {**spec.to_json(), "path": spec.relpath, "rows": spec.rows, "sha256": sha256_file(tmp),
+                "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION}
+        atomic_replace(tmp, final)
+        atomic_write_json(sidecar_path(final), info)
+        return info
+
+    # ---- manifest ---------------------------------------------------------------------------
+    def finalize(self, extra: dict | None = None) -> Path:
+        """Write ``manifest.json`` (the last write) once every shard of the plan is done."""
+        missing = [s for s in self.plan if not self.is_done(s)]
+        if missing:
+            raise IntegrityError(f"{len(missing)} of {len(self.plan)} shards of {self.out} are not done (first: {missing[0].relpath}); run the extract again to finish them")
+        shards = [json.loads(sidecar_path(self.out / s.relpath).read_text()) for s in self.plan]
+        lengths: dict[str, int] = {}
+        for s in self.plan:
+            lengths[s.split] = max(lengths.get(s.split, 0), s.end)
+        manifest = {
+            **self._plan_record(), "format": FORMAT, "n_latents": (self.meta.get("sae") or {}).get("n_latents"),
+            "splits": lengths, "shards": shards, "extra": _jsonable(extra or {}),
+        }
+        atomic_write_json(self.out / MANIFEST, manifest)
+        log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
+        return self.out / MANIFEST
+
+
+def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spec: ShardSpec) -> np.ndarray:
+    """``arr`` as ``dtype``, refusing wrong shapes and values that do not fit."""
+    if arr.shape != shape:
+        raise CocomixError(f"{name} of {spec.relpath} has shape {arr.shape}, expected {shape}")
+    if arr.dtype != dtype and arr.size:
+        info = np.iinfo(dtype)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise CocomixError(f"{name} values [{lo}, {hi}] in {spec.relpath} do not fit {dtype.name}; use a wider dtype")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _diff(old: dict, new: dict) -> str:
+    """Which top-level (and meta) keys differ, naming both values briefly."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        if key == "meta":
+            continue
+        if old.get(key) != new.get(key):
+            parts.append(f"{key}: {str(old.get(key))[:60]} vs {str(new.get(key))[:60]}")
+    om, nm = old.get("meta", {}), new.get("meta", {})
+    for key in sorted(set(om) | set(nm)):
+        if om.get(key) != nm.get(key):
+            parts.append(f"meta.{key}: {str(om.get(key))[:80]} vs {str(nm.get(key))[:80]}")
+    return "; ".join(parts[:4]) or "unknown difference"
