@@ -67,6 +67,9 @@ class SaeTrainConfig:
     auxk_coef: float = flag(1 / 32, help="AuxK loss coefficient.")
     dead_tokens: int = flag(10_000_000, help="A latent is dead after this many tokens without firing.")
     window: int = flag(1024, help="Teacher context length for the activations.")
+    teacher_batch: int = flag(8, help="Windows per teacher forward.")
+    buffer_tokens: int = flag(131072, help="Shuffle buffer (activations held at once); bounds memory, mixes tokens of different windows.")
+    eval_tokens: int = flag(65536, help="Held-out activations (the `val` split, else `train`) for the final FVU and L0.")
     seed: int = flag(0, help="Seed for init and data order.")
     device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
     overwrite: bool = flag(False, help="Replace an existing SAE in --out.")
@@ -76,3 +79,12 @@ class SaeTrainConfig:
             raise ConfigError(f"--k must be in [1, --latents], got k={self.k}, latents={self.latents}")
         if self.layer < 0:
             raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        for name in ("train_tokens", "batch_tokens", "dead_tokens", "teacher_batch", "buffer_tokens", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.window < 2:
+            raise ConfigError(f"--window must be >= 2, got {self.window}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.auxk < 0 or self.auxk_coef < 0:
+            raise ConfigError(f"--auxk and --auxk-coef must be >= 0, got {self.auxk} and {self.auxk_coef}")
