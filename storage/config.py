@@ -47,6 +47,7 @@ class InspectConfig:
     path: str = arg(help="A token-store folder or a target-shard folder.")
     json: bool = flag(False, help="Print one JSON object instead of tables.")
     samples: int = flag(8, help="Decoded tokens with their labels to show for a target folder.")
+    tokens: str | None = flag(None, help="Token store whose tokenizer decodes the sample tokens of a target folder (default: the teacher folder when local).")
 
 
 @dataclass

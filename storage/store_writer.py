@@ -48,7 +48,7 @@ class _SplitBuffer:
 def _compressors(level: int = 3) -> list:
     from zarr.codecs import ZstdCodec
 
-    return [ZstdCodec(level=level)]
+    return [ZstdCodec(level=level, checksum=True)]  # checksum: verify detects flipped bits
 
 
 def _create_arrays(group, dtype: np.dtype, chunk_tokens: int) -> None:

@@ -1,0 +1,131 @@
+"""``cocomix verify PATH [--tokens DIR]``: prove a token store or target folder is complete and intact.
+
+Stops at the first problem with an :class:`IntegrityError` naming the file and what is
+wrong (the CLI prints it and exits non-zero). Reads everything in bounded blocks.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.pipeline.logs import console
+from cocomix.storage.config import VerifyConfig
+from cocomix.storage.target_reader import TargetReader, check_ranges, load_manifest
+from cocomix.storage.target_schema import MANIFEST, PLAN, safe_path
+from cocomix.storage.token_store import TOKENIZER_DIR, TokenStore, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 22
+
+
+@dataclass
+class VerifyResult:
+    """What was checked; a failed check raises instead of returning."""
+
+    path: Path
+    kind: str            # "tokens" or "targets"
+    items: int           # shards (targets) or splits (tokens) checked
+    tokens: int          # tokens covered
+
+
+def detect_kind(path: Path) -> str:
+    """"targets" or "tokens" from the marker files; a clear error for anything else."""
+    if not path.exists():
+        raise CocomixError(f"{path} does not exist; pass a token store or a target folder")
+    if (path / MANIFEST).is_file() or (path / PLAN).is_file():
+        return "targets"
+    if (path / "zarr.json").is_file():
+        return "tokens"
+    raise CocomixError(f"{path} is neither a token store (zarr.json) nor a target folder ({MANIFEST}); pass one of those")
+
+
+def run_verify(cfg: VerifyConfig) -> VerifyResult:
+    path = Path(cfg.path)
+    if detect_kind(path) == "tokens":
+        result = verify_token_store(path)
+    else:
+        result = verify_targets(path, Path(cfg.tokens) if cfg.tokens else None)
+    console.print(f"[green]ok[/] {result.kind} {path}: {result.items} {'shards' if result.kind == 'targets' else 'splits'}, {result.tokens:,} tokens verified")
+    return result
+
+
+def verify_targets(path: Path, tokens: Path | None = None) -> VerifyResult:
+    """Manifest, safe paths, contiguous full ranges, then per shard: sha256, schema, rows, ids, tokens."""
+    manifest = load_manifest(path)
+    for entry in manifest["shards"]:
+        safe_path(path, entry["path"])
+    check_ranges(manifest)
+    reader = TargetReader(path, manifest)
+    store = TokenStore.open(tokens) if tokens else None
+    if store is not None:
+        reader.check_tokens(store.provenance())
+    for entry in manifest["shards"]:
+        _verify_shard(reader, entry, store)
+    return VerifyResult(path, "targets", len(manifest["shards"]), sum(manifest["splits"].values()))
+
+
+def _verify_shard(reader: TargetReader, entry: dict, store: TokenStore | None) -> None:
+    reader.check_checksum(entry)
+    shard = reader.shard_views(entry)
+    ids = shard.ids_NK
+    valid = ids != reader.ignore_id
+    if reader.n_latents and (ids[valid] >= reader.n_latents).any():
+        raise IntegrityError(f"shard {entry['path']} holds concept ids >= n_latents {reader.n_latents}")
+    if store is not None:
+        expected = store.split(entry["split"]).read(entry["start"], entry["end"])
+        if len(expected) != len(shard.tokens) or not np.array_equal(expected, shard.tokens):
+            first = int(np.argmax(expected != shard.tokens)) if len(expected) == len(shard.tokens) else 0
+            raise IntegrityError(f"shard {entry['path']}: token column differs from the token store at row {first} (token {entry['start'] + first} of split {entry['split']!r})")
+
+
+def verify_token_store(path: Path) -> VerifyResult:
+    """Attributes, tokenizer fingerprint, and per split: lengths, offsets, EOS placement, id range, chunk decoding."""
+    store = TokenStore.open(path)
+    _verify_tokenizer(store)
+    total = 0
+    for name in store.splits:
+        _verify_split(store, name)
+        total += len(store.split(name))
+    return VerifyResult(path, "tokens", len(store.splits), total)
+
+
+def _verify_tokenizer(store: TokenStore) -> None:
+    folder = store.path / TOKENIZER_DIR
+    if not (folder / "tokenizer.json").is_file():
+        raise IntegrityError(f"token store {store.path} lacks {TOKENIZER_DIR}/tokenizer.json; re-run `cocomix tokenize --overwrite`")
+    if tokenizer_fingerprint(store.load_tokenizer()) != store.tokenizer_sha256:
+        raise IntegrityError(f"{folder} does not match the tokenizer sha256 recorded in {store.path}/zarr.json (it was modified)")
+
+
+def _verify_split(store: TokenStore, name: str) -> None:
+    split = store.split(name)
+    counts = store.attrs["counts"][name]
+    where = f"split {name!r} of {store.path}"
+    if (split.n_tokens, split.n_docs) != (counts["n_tokens"], counts["n_docs"]):
+        raise IntegrityError(f"{where} has {split.n_tokens} tokens / {split.n_docs} documents, its attributes say {counts['n_tokens']} / {counts['n_docs']}")
+    if split.tokens_array.dtype != store.dtype:
+        raise IntegrityError(f"{where} stores {split.tokens_array.dtype}, its attributes say {store.dtype}")
+    offsets = split.doc_offsets()
+    if offsets[0] != 0 or offsets[-1] != split.n_tokens or (np.diff(offsets) <= 0).any():
+        raise IntegrityError(f"{where}: doc_offsets must rise strictly from 0 to {split.n_tokens}")
+    for start in range(0, split.n_tokens, BLOCK):
+        _verify_block(store, split, offsets, start, min(start + BLOCK, split.n_tokens), where)
+
+
+def _verify_block(store: TokenStore, split, offsets: np.ndarray, start: int, stop: int, where: str) -> None:
+    try:
+        block = split.read(start, stop)
+    except Exception as err:  # noqa: BLE001 - a corrupt chunk surfaces as a codec error of any type
+        raise IntegrityError(f"{where}: tokens [{start}, {stop}) cannot be decoded ({type(err).__name__}: {err})") from None
+    if block.size and int(block.max()) >= store.vocab_size:
+        raise IntegrityError(f"{where}: token id {int(block.max())} in [{start}, {stop}) is outside the vocabulary of {store.vocab_size}")
+    ends = offsets[1:] - 1
+    ends = ends[(ends >= start) & (ends < stop)]
+    if (block[ends - start] != store.eos_id).any():
+        raise IntegrityError(f"{where}: a document in [{start}, {stop}) does not end with EOS id {store.eos_id}")
+
