@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from cocomix.pipeline.errors import CocomixError
+from cocomix.pipeline.workspace import find_single, slug, workspace_root
+
+
+def test_workspace_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("COCOMIX_WORKSPACE", raising=False)
+    assert str(workspace_root()) == "cocomix-workspace"
+    monkeypatch.setenv("COCOMIX_WORKSPACE", str(tmp_path / "env"))
+    assert workspace_root() == tmp_path / "env"
+    assert workspace_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_slug():
+    assert slug("Skylion007/openwebtext") == "Skylion007--openwebtext"
+    assert slug("openwebtext") == "openwebtext"
+
+
+def test_find_single(tmp_path):
+    with pytest.raises(CocomixError, match="--targets"):
+        find_single(tmp_path, "targets", "--targets")
+    (tmp_path / "targets" / "a").mkdir(parents=True)
+    (tmp_path / "targets" / "a" / "manifest.json").write_text("{}")
+    (tmp_path / "targets" / "half").mkdir()  # no manifest: unfinished, not counted
+    assert find_single(tmp_path, "targets", "--targets") == tmp_path / "targets" / "a"
+    (tmp_path / "targets" / "b").mkdir()
+    (tmp_path / "targets" / "b" / "manifest.json").write_text("{}")
+    with pytest.raises(CocomixError, match="several"):
+        find_single(tmp_path, "targets", "--targets")
