@@ -76,7 +76,13 @@ class TopKSAE(nn.Module):
 
     def encode(self, h: torch.Tensor, dense: bool = False) -> SaeEncoding:
         """Normalise ``h`` [..., D], keep the k largest pre-activations, ReLU them."""
-        norm = self.preprocess(h)
+        return self._encode(self.preprocess(h), dense)
+
+    def encode_normalized(self, x: torch.Tensor, dense: bool = False) -> SaeEncoding:
+        """:meth:`encode` of an input that is already normalised (training streams normalised inputs)."""
+        return self._encode(Normalized(x, x.new_zeros(()), x.new_ones(())), dense)
+
+    def _encode(self, norm: Normalized, dense: bool) -> SaeEncoding:
         pre = self.pre_activations(norm.x)
         top_val, top_idx = pre.topk(self.k, dim=-1)  # sorted, largest first
         return SaeEncoding(pre if dense else None, top_idx, F.relu(top_val), norm)

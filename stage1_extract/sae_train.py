@@ -1,0 +1,237 @@
+"""``cocomix sae train``: a TopK SAE on a teacher's residual stream (Gao et al. 2024).
+
+The recipe of openai/sparse_autoencoder ``train.py`` (DESIGN.md §4, anchors/sae.md):
+
+1. inputs: unbiased-LayerNorm'd output of block ``layer``, streamed from the token store;
+2. init: ``b_pre`` = geometric median of a sample, decoder = encoderᵀ with unit-norm
+   columns, encoder rescaled so random unit inputs reconstruct to norm ≈ 1;
+3. loss: MSE / variance of the sample + ``auxk_coef`` · normalised MSE of the AuxK
+   reconstruction of the residual ``x - recons.detach()`` from the top ``auxk``
+   pre-activations among latents dead (not fired > 1e-3) for ``dead_tokens`` tokens;
+   the AuxK decode leaves out ``b_pre`` (the residual has none: sparsify PR #134);
+4. step: project out the gradient component parallel to each decoder column, Adam
+   (eps 6.25e-10), renormalise decoder columns to unit norm.
+
+Shape legend: ``N`` activations in a batch, ``D`` width, ``L`` latents, ``K`` TopK k.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from cocomix.pipeline.errors import CocomixError
+from cocomix.stage1_extract.config import SaeTrainConfig
+from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.sae_io import COCOMIX_WEIGHTS, save_sae
+from cocomix.stage1_extract.sae_progress import SaeTrainProgress, print_summary
+from cocomix.stage1_extract.sae_stream import collect, normalized_activations, shuffled_batches, window_batches
+from cocomix.storage.files import sha256_file
+
+log = logging.getLogger(__name__)
+
+FIRE_THRESHOLD = 1e-3  # a latent "fires" when its activation exceeds this (OpenAI train.py)
+ADAM_EPS = 6.25e-10
+INIT_SAMPLE = 32768  # activations for b_pre and the MSE scale, as OpenAI's init_from_data_
+
+
+@dataclass
+class SaeTrainResult:
+    """What ``run_sae_train`` produced; the metrics are also in ``<out>/cfg.json``."""
+
+    out: Path  #: the cocomix SAE folder (load with ``load_sae``)
+    fvu: float  #: fraction of variance unexplained on held-out activations (normalised space)
+    l0: float  #: mean number of non-zero latents per token on the same activations
+    dead_fraction: float  #: latents that did not fire during the last ``dead_tokens`` training tokens (or the whole run)
+    steps: int
+    tokens: int  #: training activations seen
+    seconds: float
+    sha256: str  #: of ``sae.safetensors``
+
+
+class StepStats(NamedTuple):
+    loss: float
+    fvu: float  #: this batch's FVU (batch-centred)
+    auxk_loss: float
+    l0: float
+
+
+class EvalStats(NamedTuple):
+    fvu: float
+    l0: float
+    tokens: int
+
+
+class DeadTracker:
+    """Tokens since each latent last fired (OpenAI's ``stats_last_nonzero``, counted in tokens)."""
+
+    def __init__(self, n_latents: int, device: torch.device) -> None:
+        self.since_L = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.seen = 0
+
+    def update(self, top_idx_NK: torch.Tensor, top_val_NK: torch.Tensor) -> None:
+        fired_L = torch.zeros_like(self.since_L, dtype=torch.bool)
+        fired_L[top_idx_NK[top_val_NK > FIRE_THRESHOLD]] = True
+        self.since_L += len(top_idx_NK)
+        self.since_L[fired_L] = 0
+        self.seen += len(top_idx_NK)
+
+    def dead(self, dead_tokens: int) -> torch.Tensor:
+        return self.since_L > dead_tokens
+
+    def dead_fraction(self, dead_tokens: int) -> float:
+        """Share of latents silent for ``dead_tokens`` tokens, or for the whole run when it was shorter."""
+        return (self.since_L >= min(dead_tokens, self.seen)).float().mean().item()
+
+
+def geometric_median(x_ND: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm (OpenAI initialises ``pre_bias`` with the geometric median)."""
+    x_ND = x_ND.double()
+    median_D = x_ND.mean(0)
+    for _ in range(iters):
+        weights_N = 1.0 / (x_ND - median_D).norm(dim=-1).clamp_min(1e-8)
+        new_D = (weights_N[:, None] * x_ND).sum(0) / weights_N.sum()
+        if (new_D - median_D).norm() <= tol * median_D.norm().clamp_min(1.0):
+            return new_D.float()
+        median_D = new_D
+    return median_D.float()
+
+
+def init_sae(sample_ND: torch.Tensor, n_latents: int, k: int, generator: torch.Generator) -> TopKSAE:
+    """Tied unit-norm init from a data sample (OpenAI ``FastAutoencoder.__init__`` + ``init_from_data_``)."""
+    d_in = sample_ND.shape[1]
+    sae = TopKSAE(d_in, n_latents, k, normalize=True).to(sample_ND.device)
+    bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.empty(n_latents, d_in).uniform_(-bound, bound, generator=generator))
+        sae.W_dec.copy_(sae.W_enc.T)
+        normalize_decoder_(sae)
+        sae.b_pre.copy_(geometric_median(sample_ND))
+        unit_ND = torch.randn(256, d_in, generator=generator).to(sample_ND.device)
+        unit_ND = unit_ND / unit_ND.norm(dim=-1, keepdim=True) + sae.b_pre
+        enc = sae.encode_normalized(unit_ND)
+        recons_norm = (sae.decode_normalized(enc.top_idx, enc.top_val) - sae.b_pre).norm(dim=-1).mean()
+        sae.W_enc /= recons_norm.clamp_min(1e-8)
+    return sae
+
+
+def normalize_decoder_(sae: TopKSAE) -> None:
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def project_decoder_grad_(sae: TopKSAE) -> None:
+    """Remove the gradient component parallel to each (unit) decoder column: the norm stays put."""
+    grad_DL, w_DL = sae.W_dec.grad, sae.W_dec.detach()
+    grad_DL -= (w_DL * grad_DL).sum(0, keepdim=True) * w_DL
+
+
+def normalized_mse(recons_ND: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
+    """MSE over the variance of ``target`` around its batch mean (= FVU of the batch)."""
+    return (recons_ND - target_ND).pow(2).sum() / (target_ND - target_ND.mean(0)).pow(2).sum()
+
+
+def auxk_loss(sae: TopKSAE, x_ND, recons_ND, pre_NL, dead_L, auxk: int) -> torch.Tensor:
+    """Normalised MSE of the top-``auxk`` dead latents reconstructing the main residual (no ``b_pre``)."""
+    n_dead = int(dead_L.sum())
+    if n_dead == 0:
+        return x_ND.new_zeros(())
+    aux_val_NK, aux_idx_NK = pre_NL.masked_fill(~dead_L, -math.inf).topk(min(auxk, n_dead), dim=-1)
+    aux_recons_ND = sae.decode_normalized(aux_idx_NK, torch.relu(aux_val_NK)) - sae.b_pre
+    return normalized_mse(aux_recons_ND, x_ND - recons_ND.detach()).nan_to_num(0.0)
+
+
+def train_step(sae: TopKSAE, opt, x_ND: torch.Tensor, tracker: DeadTracker, cfg: SaeTrainConfig,
+               mse_scale: float) -> StepStats:
+    """One Adam step on a batch of normalised activations."""
+    pre_NL = sae.pre_activations(x_ND)
+    top_val_NK, top_idx_NK = pre_NL.topk(sae.k, dim=-1)
+    top_val_NK = torch.relu(top_val_NK)
+    recons_ND = sae.decode_normalized(top_idx_NK, top_val_NK)
+    tracker.update(top_idx_NK, top_val_NK.detach())  # before AuxK, as OpenAI
+    main = (recons_ND - x_ND).pow(2).mean() * mse_scale
+    aux = auxk_loss(sae, x_ND, recons_ND, pre_NL, tracker.dead(cfg.dead_tokens), cfg.auxk) if cfg.auxk_coef else main.new_zeros(())
+    loss = main + cfg.auxk_coef * aux
+    if not torch.isfinite(loss):
+        raise CocomixError(f"non-finite SAE loss after {tracker.seen:,} tokens; lower --lr (now {cfg.lr})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    project_decoder_grad_(sae)
+    opt.step()
+    normalize_decoder_(sae)
+    with torch.no_grad():
+        fvu = normalized_mse(recons_ND, x_ND).item()
+        l0 = (top_val_NK > 0).float().sum(-1).mean().item()
+    return StepStats(loss.item(), fvu, aux.item(), l0)
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSAE, x_ND: torch.Tensor, batch: int = 4096) -> EvalStats:
+    """FVU (variance around the mean of all of ``x``) and L0 of the SAE on held-out activations."""
+    err, l0 = 0.0, 0.0
+    for chunk_ND in x_ND.split(batch):
+        enc = sae.encode_normalized(chunk_ND)
+        err += (sae.decode_normalized(enc.top_idx, enc.top_val) - chunk_ND).double().pow(2).sum().item()
+        l0 += (enc.top_val > 0).sum().item()
+    var = (x_ND.double() - x_ND.double().mean(0)).pow(2).sum().item()
+    return EvalStats(err / max(var, 1e-30), l0 / len(x_ND), len(x_ND))
+
+
+def prepare_out(cfg: SaeTrainConfig) -> Path:
+    """``--out`` must be new or empty; with ``--overwrite`` only our own two files are replaced."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CocomixError(f"--out {out} is a file; pass a folder")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise CocomixError(f"--out {out} is not empty; pass --overwrite to replace the SAE in it, or another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("cfg.json", COCOMIX_WEIGHTS):
+        (out / name).unlink(missing_ok=True)  # never a stale cfg.json beside new weights
+    return out
+
+
+def run_sae_train(cfg: SaeTrainConfig) -> SaeTrainResult:
+    """Load teacher and tokens → init from a sample → train on streamed batches → evaluate → save."""
+    from cocomix.stage1_extract.sae_setup import open_inputs
+
+    t0 = time.monotonic()
+    out = prepare_out(cfg)
+    inputs = open_inputs(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = shuffled_batches(
+        normalized_activations(inputs.teacher, cfg.layer, window_batches(inputs.train, cfg.window, cfg.teacher_batch, gen)),
+        cfg.batch_tokens, cfg.buffer_tokens, gen)
+    sample_ND = collect(train, min(INIT_SAMPLE, max(cfg.batch_tokens, cfg.train_tokens)))
+    sae = init_sae(sample_ND, cfg.latents, cfg.k, gen)
+    mse_scale = 1.0 / (sample_ND - sample_ND.mean(0)).pow(2).mean().item()
+    tracker = DeadTracker(cfg.latents, sample_ND.device)
+    steps = max(1, math.ceil(cfg.train_tokens / cfg.batch_tokens))
+    train_loop(sae, _replay(sample_ND, cfg.batch_tokens, train), tracker, cfg, steps, mse_scale)
+    held_out = evaluate(sae, collect(normalized_activations(inputs.teacher, cfg.layer, inputs.eval_windows()), cfg.eval_tokens))
+    result = SaeTrainResult(out, held_out.fvu, held_out.l0, tracker.dead_fraction(cfg.dead_tokens), steps,
+                            tracker.seen, time.monotonic() - t0, "")
+    save_sae(sae.cpu(), out, inputs.meta(cfg, result, held_out))
+    result.sha256 = sha256_file(out / COCOMIX_WEIGHTS)
+    print_summary(result)
+    return result
+
+
+def train_loop(sae: TopKSAE, batches, tracker: DeadTracker, cfg: SaeTrainConfig, steps: int, mse_scale: float) -> None:
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
+    with SaeTrainProgress(steps * cfg.batch_tokens) as progress:
+        for step, x_ND in zip(range(steps), batches):
+            stats = train_step(sae, opt, x_ND, tracker, cfg, mse_scale)
+            progress.advance(len(x_ND), stats, tracker.dead_fraction(cfg.dead_tokens))
+        if tracker.seen == 0:
+            raise CocomixError("no training batches: the token split is smaller than --batch-tokens")
+
+
+def _replay(sample_ND: torch.Tensor, batch: int, rest):
+    """The init sample is trained on too (it was taken from the stream)."""
+    yield from sample_ND[: len(sample_ND) // batch * batch].split(batch)
+    yield from rest
