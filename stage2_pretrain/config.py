@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cocomix.pipeline.configs import arg, flag
+from cocomix.pipeline.configs import arg, flag, flag_name
 from cocomix.pipeline.errors import ConfigError
 
 METHODS = ("cocomix", "ntp")
@@ -39,8 +39,15 @@ class PretrainConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag_name(name)} must be >= 1, got {value}")
+        for name in ("eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -50,7 +57,13 @@ class EvalConfig:
     ckpt: str = arg(help="Checkpoint folder (a CoCoMix checkpoint or a stock HF GPT-2 folder).")
     tokens: str = flag(help="Token store whose split is evaluated.")
     split: str = flag("val", help="Split to evaluate.")
-    window: int = flag(1024, help="Window length.")
+    window: int | None = flag(None, help="Window length. Default: the model's context (1024 for the paper's sizes).")
     max_windows: int | None = flag(None, help="Evaluate at most this many windows.")
     batch_size: int = flag(8, help="Windows per forward pass.")
     device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
+
+    def __post_init__(self) -> None:
+        for name in ("window", "max_windows", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < (2 if name == "window" else 1):
+                raise ConfigError(f"{flag_name(name)} must be >= {2 if name == 'window' else 1}, got {value}")

@@ -1,0 +1,71 @@
+"""The run folder: refuse to mix two runs in one ``--out``, record ``run.json``, export ``final/``.
+
+::
+
+    <out>/run.json          config, resolved plan, parameter counts, targets' provenance
+    <out>/metrics.jsonl     see :mod:`.metrics`
+    <out>/checkpoints/      see :mod:`.checkpoint`
+    <out>/final/            the last model as a plain HF folder (model + config + tokenizer)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.storage.files import atomic_write_json, fsync_dir
+
+from .checkpoint import CKPT_DIR
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+FINAL = "final"
+OWNED = (RUN_JSON, "metrics.jsonl", CKPT_DIR, FINAL, "trackers")  # what --overwrite deletes
+TRAINING_FILES = ("optimizer.pt", "optimizer", "scheduler.pt", "rng", "trainer_state.json", "complete", "eval.json")
+#: a resumed run must agree with the run.json on these (flag, key in run.json's plan)
+MUST_MATCH = (("--method", "method"), ("--size", "size"), ("--batch-tokens", "batch_tokens"), ("--seed", "seed"))
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty ``--out`` unless resuming or overwriting (rank 0 only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CocomixError(f"--out {out} is not empty; pass --resume to continue the run there, --overwrite to start over, or another --out")
+    for name in OWNED:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def check_resume_matches(out: Path, record: dict) -> None:
+    """A resumed run keeps the method, size, global batch and seed of the run it continues."""
+    path = out / RUN_JSON
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    for flag, key in MUST_MATCH:
+        old, new = before["plan"].get(key), record["plan"].get(key)
+        if old is not None and old != new:
+            raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old} or start another --out")
+
+
+def write_run_json(out: Path, record: dict) -> None:
+    atomic_write_json(out / RUN_JSON, record)
+
+
+def export_final(ckpt: Path, out: Path) -> Path:
+    """Copy the model and tokenizer of checkpoint ``ckpt`` to ``<out>/final/`` (temp folder, then rename)."""
+    final, tmp = out / FINAL, out / f".{FINAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(*TRAINING_FILES))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_dir(out)
+    return final
