@@ -59,10 +59,10 @@ def openai_url(spec: str) -> str:
 
 
 def cached_path(spec: str, cache_dir: Path | None = None) -> Path:
-    """``<cache>/openai/<location>_<version>/<layer>.pt``; default cache ``<workspace>/cache/sae``."""
+    """``<cache>/sae/openai/<location>_<version>/<layer>.pt``; default cache ``<workspace>/cache``."""
     version, location, layer = parse_openai_spec(spec)
-    root = Path(cache_dir) if cache_dir is not None else workspace_cache(workspace_root()) / "sae"
-    return root / "openai" / f"{location}_{version}" / f"{layer}.pt"
+    root = Path(cache_dir) if cache_dir is not None else workspace_cache(workspace_root())
+    return root / "sae" / "openai" / f"{location}_{version}" / f"{layer}.pt"
 
 
 def fetch_openai(spec: str, cache_dir: Path | None = None) -> Path:

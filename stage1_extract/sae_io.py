@@ -55,7 +55,11 @@ class SaeInfo:
 
 
 def load_sae(spec: str, *, cache_dir: Path | None = None) -> tuple[TopKSAE, SaeInfo]:
-    """Load an SAE from any supported source (see the module docstring); weights are float32 on CPU."""
+    """Load an SAE from any supported source (see the module docstring); weights are float32 on CPU.
+
+    ``cache_dir`` is the cache root for the ``openai:`` shorthand (default ``<workspace>/cache``);
+    downloads land in ``<cache_dir>/sae/openai/<location>_<version>/<layer>.pt``.
+    """
     spec = str(spec)
     if is_openai_spec(spec):
         _, location, layer = parse_openai_spec(spec)

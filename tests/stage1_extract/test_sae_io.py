@@ -82,7 +82,7 @@ def test_openai_shorthand_downloads_once_and_records_sha256(local_openai_host, t
     sae, info = load_sae("openai:v5_32k/resid_post_mlp/1", cache_dir=cache)
     assert info.sha256 == sha256_file(local_openai_host)
     assert (info.source, info.layer, info.location, info.format) == ("openai:v5_32k/resid_post_mlp/1", 1, "resid_post_mlp", "openai")
-    cached = cache / "openai" / "resid_post_mlp_v5_32k" / "1.pt"
+    cached = cache / "sae" / "openai" / "resid_post_mlp_v5_32k" / "1.pt"
     assert (cached.parent / "1.pt.sha256").read_text().strip() == info.sha256
     local_openai_host.unlink()  # a second load must not download again
     _, again = load_sae("openai:v5_32k/resid_post_mlp/1", cache_dir=cache)
@@ -99,7 +99,7 @@ def test_openai_shorthand_default_cache_is_in_workspace(local_openai_host, tmp_p
 def test_tampered_cache_is_refused(local_openai_host, tmp_path):
     cache = tmp_path / "cache"
     load_sae("openai:v5_32k/resid_post_mlp/1", cache_dir=cache)
-    cached = cache / "openai" / "resid_post_mlp_v5_32k" / "1.pt"
+    cached = cache / "sae" / "openai" / "resid_post_mlp_v5_32k" / "1.pt"
     cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(IntegrityError, match="delete it to download again"):
         load_sae("openai:v5_32k/resid_post_mlp/1", cache_dir=cache)
