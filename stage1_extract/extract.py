@@ -1,0 +1,259 @@
+"""``cocomix extract``: teacher + TopK SAE + attribution over a token store, into target shards.
+
+The run reads like its table of contents (DESIGN.md §4):
+
+    resolve inputs (tokenize first with --corpus) -> load teacher, SAE, store -> check they agree
+    -> plan shards -> open the writer (refuses another teacher/SAE/layer unless --overwrite)
+    -> label this rank's pending shards (claim, compute, write) -> barrier
+    -> rank 0: finish shards abandoned by dead processes, write the manifest, print the summary
+
+Every shard is a pure function of (tokens, teacher, SAE, flags): a killed run re-run with
+the same flags recomputes only unfinished shards, and the bytes equal an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cocomix.pipeline.errors import ConfigError, MismatchError
+from cocomix.pipeline.workspace import cache_dir, targets_dir, tokens_dir, workspace_root
+from cocomix.stage1_extract.attribution import AttributionSpec
+from cocomix.stage1_extract.config import ExtractConfig
+from cocomix.stage1_extract.dist import Dist, init_dist
+from cocomix.stage1_extract.report import ExtractProgress, label_coverage, peak_memory_bytes, print_summary
+from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
+from cocomix.stage1_extract.shard_labels import label_shard
+from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, load_teacher, resolve_device
+from cocomix.storage.targets import MANIFEST, TargetWriter, id_dtype, ignore_id, plan_shards
+from cocomix.storage.token_store import TokenStore
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  #: how often rank 0 re-checks shards held by another process
+
+
+@dataclass
+class ExtractResult:
+    """What an extract run produced."""
+
+    out: Path  #: the target folder (holds manifest.json)
+    tokens: Path  #: the token store that was labelled
+    shards_total: int
+    shards_computed: int  #: by this run (all ranks); 0 when everything was already done
+    tokens_computed: int  #: tokens labelled by this run (all ranks)
+    seconds: float
+    stats: dict = field(default_factory=dict)  #: what the manifest records under ``extra``
+
+
+@dataclass
+class Inputs:
+    """Everything a run needs, loaded and cross-checked."""
+
+    teacher: object
+    sae: object
+    sae_info: object
+    store: TokenStore
+    tokens_path: Path
+    out: Path
+    splits: list[str]
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    t0 = time.monotonic()
+    device = resolve_device(cfg.device)
+    dist = init_dist(device)
+    try:
+        inputs = load_inputs(cfg, device, dist)
+        return _extract(cfg, inputs, dist, device, t0)
+    finally:
+        dist.close()
+
+
+def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.device, t0: float) -> ExtractResult:
+    spec, ids_dt, score_dt = attribution_spec(cfg, inputs, device)
+    plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard)
+    writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
+    with writer:
+        pending = writer.pending(dist.rank, dist.world)
+        log.info("%s: %d of %d shards to compute (%d finished and verified)", inputs.out,
+                 len(writer.pending()), len(plan), len(plan) - len(writer.pending()))
+        labeller = ShardLabeller(cfg, inputs, spec, ids_dt, score_dt, writer)
+        with ExtractProgress(sum(s.end - s.start for s in pending), len(pending), dist.is_main) as bar:
+            for shard in pending:
+                labeller.maybe_compute(shard, bar)
+            dist.barrier()
+            if dist.is_main:
+                finish_abandoned(writer, plan, labeller, bar)
+        stats = run_stats(cfg, inputs, writer, plan, labeller, dist, device, bar.seconds)
+        if dist.is_main:
+            finalize(writer, inputs.out, stats)
+    dist.barrier()
+    return ExtractResult(inputs.out, inputs.tokens_path, len(plan), stats["shards_computed"],
+                         stats["tokens_computed"], time.monotonic() - t0, stats)
+
+
+class ShardLabeller:
+    """Claims, computes and writes one shard at a time (counts what this process did)."""
+
+    def __init__(self, cfg, inputs: Inputs, spec: AttributionSpec, ids_dt, score_dt, writer) -> None:
+        self.cfg, self.inputs, self.spec = cfg, inputs, spec
+        self.ids_dt, self.score_dt, self.writer = ids_dt, score_dt, writer
+        self.shards = self.tokens = 0
+
+    def maybe_compute(self, shard, bar: ExtractProgress) -> bool:
+        """Compute ``shard`` unless another process holds it (or has just finished it)."""
+        if not self.writer.claim(shard):
+            log.info("shard %s is held by another process; skipping it", shard.relpath)
+            return False
+        tokens_N = np.asarray(self.inputs.store.split(shard.split).read(shard.start, shard.end))
+        labels = label_shard(
+            self.inputs.teacher, self.inputs.sae, tokens_N, split=shard.split, start=shard.start,
+            window=self.cfg.window, batch_size=self.cfg.batch_size, spec=self.spec,
+            id_dtype=self.ids_dt, score_dtype=self.score_dt, on_batch=bar.tokens_done,
+        )
+        self.writer.write_shard(shard, labels.tokens_N, labels.ids_NA, labels.scores_NA)
+        self.shards += 1
+        self.tokens += len(tokens_N)
+        bar.shard_done()
+        return True
+
+
+def finish_abandoned(writer, plan, labeller: ShardLabeller, bar: ExtractProgress) -> None:
+    """Rank 0, after the barrier: compute shards nobody finished; wait for those another process holds.
+
+    A shard is left over when a concurrent ``extract`` on the same folder claimed it (we wait
+    for it, or take it over if that process dies and its lock is released).
+    """
+    remaining = [s for s in plan if not writer.is_done(s)]
+    while remaining:
+        for shard in remaining:
+            labeller.maybe_compute(shard, bar)
+        remaining = [s for s in remaining if not writer.is_done(s)]
+        if remaining:
+            log.info("waiting for %d shard(s) held by another extract process", len(remaining))
+            time.sleep(POLL_SECONDS)
+
+
+def finalize(writer, out: Path, stats: dict) -> None:
+    """Write the manifest, unless this run found everything finished and the manifest in place."""
+    if stats["shards_computed"] == 0 and (out / MANIFEST).is_file():
+        log.info("%s was already complete (every shard verified); manifest kept", out)
+    else:
+        writer.finalize(extra=stats)
+    print_summary(stats, out)
+
+
+def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
+    """Teacher, token store (tokenized first with --corpus), SAE; every pairwise check."""
+    ws = workspace_root(cfg.workspace)
+    teacher = load_teacher(cfg.teacher, device)
+    check_layer(teacher, cfg.layer)
+    tokens_path = Path(cfg.tokens) if cfg.tokens else tokens_dir(ws, cfg.corpus)
+    if cfg.tokens is None:
+        ensure_tokenized(cfg, tokens_path, dist)
+    store = TokenStore.open(tokens_path)
+    check_tokenizer(teacher, store)
+    sae, info = load_sae(cfg.sae, cache_dir=cache_dir(ws))
+    check_sae_matches_teacher(info, teacher.d_model)
+    check_sae_layer(info, cfg.layer)
+    sae = sae.to(device).eval().requires_grad_(False)
+    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    for name in splits:
+        store.split(name)  # a clear error naming the known splits
+    out = Path(cfg.out) if cfg.out else targets_dir(ws, cfg.corpus or tokens_path.name)
+    return Inputs(teacher, sae, info, store, tokens_path, out, splits)
+
+
+def ensure_tokenized(cfg: ExtractConfig, tokens_path: Path, dist: Dist) -> None:
+    """``--corpus`` without ``--tokens``: tokenize with the teacher's tokenizer (rank 0; others wait)."""
+    from cocomix.storage.config import TokenizeConfig
+    from cocomix.storage.tokenize import run_tokenize
+
+    if dist.is_main:
+        log.info("tokenizing %s with the teacher's tokenizer into %s", cfg.corpus, tokens_path)
+        run_tokenize(TokenizeConfig(corpus=cfg.corpus, tokenizer=cfg.teacher, out=str(tokens_path), workspace=cfg.workspace))
+    dist.barrier()
+
+
+def check_sae_layer(info, layer: int) -> None:
+    """An SAE whose file names its hook layer must be used at that layer."""
+    if info.layer is not None and info.layer != layer:
+        raise MismatchError(f"SAE {info.source} was trained on layer {info.layer}, but --layer is {layer}; pass --layer {info.layer}")
+
+
+def compute_dtype(cfg: ExtractConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the teacher: bf16 on CUDA under ``auto``, none (fp32) on CPU."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg.dtype == "float32":
+        return None
+    raise ConfigError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+
+
+def attribution_spec(cfg: ExtractConfig, inputs: Inputs, device: torch.device):
+    """(AttributionSpec, label id dtype, score dtype) for this run."""
+    ids_dt = id_dtype(inputs.sae_info.n_latents)
+    spec = AttributionSpec(layer=cfg.layer, k_attr=cfg.k_attr, selection=cfg.selection,
+                           attribution_input=cfg.attribution_input, ignore_id=ignore_id(ids_dt),
+                           autocast_dtype=compute_dtype(cfg, device))
+    return spec, ids_dt, np.dtype(cfg.score_dtype)
+
+
+def target_meta(cfg: ExtractConfig, inputs: Inputs, spec: AttributionSpec) -> dict:
+    """The provenance a target folder is identified by (a resumed run must match it exactly)."""
+    sae = inputs.sae_info.as_meta()
+    sae.update(layer=cfg.layer, location=sae.get("location") or "resid_post")
+    return {
+        "teacher": dict(inputs.teacher.info),
+        "tokenizer_sha256": inputs.store.tokenizer_sha256,
+        "vocab_size": inputs.store.vocab_size,
+        "sae": sae,
+        "layer": cfg.layer,
+        "selection": cfg.selection,
+        "attribution_input": cfg.attribution_input,
+        "k_attr": cfg.k_attr,
+        "window": cfg.window,
+        "compute_dtype": str(spec.autocast_dtype or torch.float32).replace("torch.", ""),
+        "tokens": inputs.store.provenance(),
+    }
+
+
+def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist: Dist) -> TargetWriter:
+    """Rank 0 creates (or checks, or with --overwrite clears) the folder first; the others then join it."""
+    spec, _, _ = attribution_spec(cfg, inputs, inputs.teacher.device)
+    kwargs = dict(meta=target_meta(cfg, inputs, spec), plan=plan, k_attr=cfg.k_attr, id_dtype=ids_dt,
+                  score_dtype=score_dt, token_dtype=inputs.store.dtype)
+    writer = None
+    if dist.is_main:
+        writer = TargetWriter(inputs.out, overwrite=cfg.overwrite, **kwargs)
+    dist.barrier()
+    return writer or TargetWriter(inputs.out, overwrite=False, **kwargs)
+
+
+def run_stats(cfg, inputs: Inputs, writer, plan, labeller: ShardLabeller, dist: Dist,
+              device: torch.device, seconds: float) -> dict:
+    """Numbers for the summary and the manifest (summed over ranks where they add up)."""
+    shards = int(dist.sum(labeller.shards, device))
+    tokens = int(dist.sum(labeller.tokens, device))
+    coverage = label_coverage([inputs.out / s.relpath for s in plan], ignore_id(id_dtype(inputs.sae_info.n_latents))) \
+        if dist.is_main else {}
+    return {
+        "shards_total": len(plan),
+        "shards_computed": shards,
+        "tokens_computed": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "seconds": seconds,
+        "world_size": dist.world,
+        "device": str(device),
+        "peak_memory_bytes": peak_memory_bytes(device),  # of rank 0
+        "coverage": coverage,
+        "k_attr": cfg.k_attr,
+        "batch_size": cfg.batch_size,
+    }

@@ -1,0 +1,109 @@
+"""Console output and run statistics of ``extract``: a progress bar and a summary table.
+
+The bar counts this run's tokens (tokens/s, shards done, ETA). The summary (tokens,
+shards, label coverage, throughput, peak memory) is also what goes into the manifest
+through ``TargetWriter.finalize(extra=...)``. Coverage is read back from the finished
+shard files, so it covers shards written by earlier (interrupted) runs and by other ranks.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cocomix.pipeline.logs import console
+
+
+class ExtractProgress:
+    """Context manager around a rich bar over this process's pending tokens."""
+
+    def __init__(self, total_tokens: int, total_shards: int, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[shards]}"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task("extract", total=max(total_tokens, 1), shards="", rate="")
+        self.total_shards, self.shards, self.tokens = total_shards, 0, 0
+        self.t0 = time.monotonic()
+
+    def __enter__(self) -> "ExtractProgress":
+        self.progress.start()
+        self._refresh()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+    def tokens_done(self, n: int) -> None:
+        self.tokens += n
+        self.progress.update(self.task, advance=n)
+        self._refresh()
+
+    def shard_done(self) -> None:
+        self.shards += 1
+        self._refresh()
+
+    def _refresh(self) -> None:
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.progress.update(self.task, shards=f"{self.shards}/{self.total_shards} shards", rate=f"{rate:,.0f} tok/s")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated on ``device``, or this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def label_coverage(shard_paths: list[Path], ignore_id: int) -> dict:
+    """Share of tokens with at least one label, and mean labels per token, over the given shard files."""
+    import pyarrow as pa
+
+    tokens = labelled = labels = 0
+    for path in shard_paths:
+        with pa.memory_map(str(path)) as source:
+            column = pa.ipc.open_file(source).read_all().column("concept_ids").combine_chunks()
+            k = column.type.list_size
+            ids_NA = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            valid_N = (ids_NA != ignore_id).sum(1)
+            tokens += len(valid_N)
+            labelled += int(np.count_nonzero(valid_N))
+            labels += int(valid_N.sum())
+    return {
+        "tokens": tokens,
+        "tokens_with_label": labelled / tokens if tokens else 0.0,
+        "labels_per_token": labels / tokens if tokens else 0.0,
+    }
+
+
+def print_summary(stats: dict, out: Path) -> None:
+    """One table with the numbers recorded in the manifest."""
+    table = Table(title=f"concept targets {out}", show_edge=False, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    cov = stats["coverage"]
+    rows = [
+        ("tokens labelled", f"{cov['tokens']:,}"),
+        ("shards", f"{stats['shards_total']:,} ({stats['shards_computed']:,} computed by this run)"),
+        ("tokens with >= 1 label", f"{100 * cov['tokens_with_label']:.2f} %"),
+        ("labels per token", f"{cov['labels_per_token']:.3f} of {stats['k_attr']}"),
+        ("throughput", f"{stats['tokens_per_s']:,.0f} tok/s over {stats['world_size']} process(es)"),
+        ("time", f"{stats['seconds']:,.1f} s"),
+        ("peak memory", f"{stats['peak_memory_bytes'] / 2**20:,.0f} MiB ({stats['device']})"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
