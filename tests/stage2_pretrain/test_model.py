@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from cocomix.stage1_extract.sae import layernorm_unbiased
-from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM, concept_ce, interleave
+from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM, SelectAndScore, concept_ce, interleave
 
 V, L, C, K, IGNORE = 97, 48, 6, 4, 65535
 
@@ -190,6 +190,35 @@ def test_concept_ce_handles_uint16_style_ids_above_n_latents():
     z = torch.randn(1, 2, L)
     ids = torch.tensor([[[3, IGNORE, IGNORE, IGNORE], [IGNORE] * 4]])
     assert_close(concept_ce(z, ids, IGNORE), F.cross_entropy(z[0, :1], torch.tensor([3])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_select_and_score_equals_autograd_reference(dtype, monkeypatch):
+    monkeypatch.setattr(SelectAndScore, "CHUNK", 5)  # several chunks, the last one short
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 7, L, generator=g).to(dtype)
+    ids = torch.randint(0, L, (3, 7, K), generator=g)
+    ids[0, 0, 1] = ids[0, 0, 0]  # a repeated label counts twice, as in the official K cross-entropies
+    ids = torch.where(torch.rand(ids.shape, generator=g) < 0.3, IGNORE, ids)
+    w_val = torch.randn(3, 7, C, generator=g)  # a downstream use of the kept values (the compress)
+    z_fused, z_ref = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    val, idx, loss = SelectAndScore.apply(z_fused, ids, C, IGNORE)
+    top_ref = z_ref.topk(C, dim=-1)
+    loss_ref = concept_ce(z_ref, ids, IGNORE)
+    assert torch.equal(idx, top_ref.indices) and torch.equal(val, top_ref.values)
+    assert_close(loss, loss_ref)
+    (0.3 * loss + (val.float() * w_val).sum()).backward()
+    (0.3 * loss_ref + (top_ref.values.float() * w_val).sum()).backward()
+    tol = dict(rtol=1e-2, atol=1e-4) if dtype == torch.bfloat16 else {}
+    assert z_fused.grad.dtype == dtype
+    assert_close(z_fused.grad, z_ref.grad, **tol)
+
+
+def test_fused_loss_with_every_slot_ignored_is_zero_with_zero_gradient():
+    z = torch.randn(2, 3, L, requires_grad=True)
+    val, _, loss = SelectAndScore.apply(z, torch.full((2, 3, K), IGNORE), C, IGNORE)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
 
 
 def test_every_parameter_gets_gradient_from_the_combined_loss():
