@@ -24,7 +24,8 @@ class TokenizeConfig:
     seed: int = flag(0, help="Seed of the train/val split.")
     num_proc: int = flag(1, help="Worker processes for tokenization.")
     batch_size: int = flag(1000, help="Documents per tokenizer batch.")
-    chunk_tokens: int = flag(1 << 20, help="Zarr chunk length in tokens (zstd-compressed).")
+    chunk_tokens: int = flag(1 << 14, help="Zarr chunk length in tokens (zstd-compressed; the unit of a random read, see bench/storage.py).")
+    shard_tokens: int = flag(1 << 22, help="Zarr shard length in tokens (chunks are stored inside shard files, keeping the file count low); 0 = one file per chunk. A multiple of --chunk-tokens.")
     max_docs: int | None = flag(None, help="Stop after this many documents (for trials).")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an existing store built from a different corpus or tokenizer.")
@@ -36,6 +37,10 @@ class TokenizeConfig:
             raise ConfigError(f"--num-proc must be >= 1, got {self.num_proc}")
         if self.train_tokenizer is not None and self.tokenizer is not None:
             raise ConfigError("pass either --tokenizer or --train-tokenizer, not both")
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"--chunk-tokens must be >= 1, got {self.chunk_tokens}")
+        if self.shard_tokens < 0 or (self.shard_tokens and self.shard_tokens % self.chunk_tokens):
+            raise ConfigError(f"--shard-tokens must be 0 or a multiple of --chunk-tokens ({self.chunk_tokens}), got {self.shard_tokens}")
         if self.train_tokenizer is not None and self.train_tokenizer < 257:
             raise ConfigError(f"--train-tokenizer must be >= 257 (the byte alphabet plus EOS), got {self.train_tokenizer}")
 

@@ -2,8 +2,10 @@
 
 Crash safety, in order:
 
-1. documents are appended to per-split buffers; only chunk-aligned blocks are written
-   (zarr's LocalStore writes each chunk file to a temporary name and renames it);
+1. documents are appended to per-split buffers; only blocks aligned to whole files
+   (shards, or chunks when unsharded) are written, so a file is written once -- except
+   the partial last one at a commit (zarr's LocalStore writes every file to a temporary
+   name and renames it, so a kill never leaves a torn file);
 2. at a commit point every buffer is flushed (the partial last chunk too), the chunk
    files written since the last commit are fsynced, and only then ``progress.json``
    (documents consumed + per-split lengths) is replaced atomically;
@@ -51,10 +53,11 @@ def _compressors(level: int = 3) -> list:
     return [ZstdCodec(level=level, checksum=True)]  # checksum: verify detects flipped bits
 
 
-def _create_arrays(group, dtype: np.dtype, chunk_tokens: int) -> None:
+def _create_arrays(group, dtype: np.dtype, chunk_tokens: int, shard_tokens: int) -> None:
+    shards = {"shards": (shard_tokens,)} if shard_tokens else {}
     for name in SPLITS:
         sub = group.create_group(name)
-        sub.create_array("tokens", shape=(0,), chunks=(chunk_tokens,), dtype=dtype, compressors=_compressors(), fill_value=0)
+        sub.create_array("tokens", shape=(0,), chunks=(chunk_tokens,), dtype=dtype, compressors=_compressors(), fill_value=0, **shards)
         offsets = sub.create_array("doc_offsets", shape=(1,), chunks=(OFFSET_CHUNK,), dtype=np.int64, compressors=_compressors(), fill_value=0)
         offsets[:] = np.zeros(1, dtype=np.int64)
 
@@ -73,12 +76,12 @@ class StoreWriter:
             buf.n_docs = buf.committed_docs = int(counts["n_docs"])
 
     @classmethod
-    def create(cls, path: Path, attrs: dict, dtype: np.dtype, chunk_tokens: int) -> "StoreWriter":
+    def create(cls, path: Path, attrs: dict, dtype: np.dtype, chunk_tokens: int, shard_tokens: int = 0) -> "StoreWriter":
         """A fresh store (the caller has cleared ``path``); progress starts at zero."""
         import zarr
 
         group = zarr.open_group(str(path), mode="w", attributes={**attrs, "complete": False})
-        _create_arrays(group, dtype, chunk_tokens)
+        _create_arrays(group, dtype, chunk_tokens, shard_tokens)
         writer = cls(path, group, {"docs_done": 0})
         writer.commit()
         return writer
@@ -118,7 +121,7 @@ class StoreWriter:
 
     def _flush_split(self, name: str, buf: _SplitBuffer, final: bool) -> None:
         arr = self._array(name, "tokens")
-        chunk = arr.chunks[0]
+        chunk = _file_block(arr)
         end = buf.n_tokens + buf.n_buffered
         cut = end if final else (end // chunk) * chunk
         if cut <= buf.n_tokens and not (final and buf.doc_lens):
@@ -175,7 +178,7 @@ class StoreWriter:
         """fsync the chunk files covering ``[old_len, new_len)`` and the array metadata."""
         arr = self._array(split, name)
         folder = self.path / split / name
-        chunk = arr.chunks[0]
+        chunk = _file_block(arr)
         first, last = max(old_len - 1, 0) // chunk, max(new_len - 1, 0) // chunk
         encode = arr.metadata.chunk_key_encoding.encode_chunk_key
         files = [folder / encode((index,)) for index in range(first, last + 1)] + [folder / "zarr.json"]
@@ -192,6 +195,11 @@ class StoreWriter:
         _fsync_file(self.path / "zarr.json")
         fsync_dir(self.path)
         return counts
+
+
+def _file_block(arr) -> int:
+    """Elements per file of a 1-D array: the shard length when sharded, else the chunk length."""
+    return int((arr.shards or arr.chunks)[0])
 
 
 def read_progress(path: Path) -> dict:

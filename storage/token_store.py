@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.storage.chunk_reader import chunk_reader
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 class TokenSplit:
     """One split: ``len(split)`` tokens, ``n_docs`` documents, random-access reads."""
 
-    def __init__(self, name: str, group: Any) -> None:
+    def __init__(self, name: str, group: Any, folder: Path | None = None) -> None:
         self.name = name
         self._tokens = group["tokens"]
         self._offsets = group["doc_offsets"]
         self.n_tokens = int(self._tokens.shape[0])
         self.n_docs = int(self._offsets.shape[0]) - 1
+        self._fast = chunk_reader(folder / "tokens") if folder is not None else None
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -75,7 +77,10 @@ class TokenSplit:
         """Tokens ``[start, stop)`` as a 1-D array (clipped to the split)."""
         if start < 0 or stop < start:
             raise IndexError(f"bad token range [{start}, {stop}) for split {self.name!r} of {self.n_tokens} tokens")
-        return self._tokens[start:min(stop, self.n_tokens)]
+        stop = min(stop, self.n_tokens)
+        if self._fast is not None:
+            return self._fast.read(start, stop)
+        return self._tokens[start:stop]
 
     def doc_offsets(self) -> np.ndarray:
         """int64 [n_docs + 1]: start of each document, then the split's end."""
@@ -83,7 +88,7 @@ class TokenSplit:
 
     @property
     def tokens_array(self) -> Any:
-        """The underlying Zarr array (for chunk-aware readers)."""
+        """The underlying Zarr array (``verify`` reads through it, independent of the fast path)."""
         return self._tokens
 
 
@@ -116,7 +121,7 @@ class TokenStore:
 
     @cached_property
     def _splits(self) -> dict[str, TokenSplit]:
-        return {name: TokenSplit(name, self._group[name]) for name in self.splits}
+        return {name: TokenSplit(name, self._group[name], self.path / name) for name in self.splits}
 
     def load_tokenizer(self) -> Any:
         """The fast HF tokenizer saved inside the store."""

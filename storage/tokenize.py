@@ -152,7 +152,7 @@ def _create(cfg: TokenizeConfig, corpus: Corpus, out: Path, identity: dict) -> t
         tok = bpe.load_tokenizer(cfg.tokenizer or bpe.DEFAULT_TOKENIZER)
         name = cfg.tokenizer or bpe.DEFAULT_TOKENIZER
     dtype = token_dtype(len(tok))
-    writer = StoreWriter.create(out, _attrs(cfg, corpus, identity, tok, name, dtype), dtype, cfg.chunk_tokens)
+    writer = StoreWriter.create(out, _attrs(cfg, corpus, identity, tok, name, dtype), dtype, cfg.chunk_tokens, cfg.shard_tokens)
     bpe.save_tokenizer(tok, out / TOKENIZER_DIR)
     return writer, tok
 
@@ -170,6 +170,7 @@ def _attrs(cfg: TokenizeConfig, corpus: Corpus, identity: dict, tok, name: str, 
                    "fingerprint": identity["corpus"]["fingerprint"], "text_field": cfg.text_field},
         "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "seed": cfg.seed},
         "chunk_tokens": cfg.chunk_tokens,
+        "shard_tokens": cfg.shard_tokens,
         "counts": {},
     }
 

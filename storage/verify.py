@@ -119,7 +119,7 @@ def _verify_split(store: TokenStore, name: str) -> None:
 
 def _verify_block(store: TokenStore, split, offsets: np.ndarray, start: int, stop: int, where: str) -> None:
     try:
-        block = split.read(start, stop)
+        block = split.tokens_array[start:stop]
     except Exception as err:  # noqa: BLE001 - a corrupt chunk surfaces as a codec error of any type
         raise IntegrityError(f"{where}: tokens [{start}, {stop}) cannot be decoded ({type(err).__name__}: {err})") from None
     if block.size and int(block.max()) >= store.vocab_size:

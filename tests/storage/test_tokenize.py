@@ -63,10 +63,21 @@ def test_split_rule_is_deterministic_and_near_fraction():
     np.testing.assert_array_equal(mask[1000:2000], val_mask(idx[1000:2000], 0.01, seed=3))
 
 
-@pytest.mark.parametrize("chunk_tokens", [7, 64])
-def test_tiny_chunks_and_batches_match_reference(tmp_path, corpus_dir, tokenizer_dir, docs, chunk_tokens):
-    tokenize(corpus_dir, tokenizer_dir, tmp_path / "s", chunk_tokens=chunk_tokens, batch_size=3, val_fraction=0.3)
+@pytest.mark.parametrize("chunk_tokens,shard_tokens", [(7, 0), (64, 0), (16, 128)])
+def test_tiny_chunks_and_batches_match_reference(tmp_path, corpus_dir, tokenizer_dir, docs, chunk_tokens, shard_tokens):
+    tokenize(corpus_dir, tokenizer_dir, tmp_path / "s", chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, batch_size=3, val_fraction=0.3)
     assert_store_equals(read_store(tmp_path / "s"), reference_store(docs, tokenizer_dir, 0.3))
+
+
+@pytest.mark.parametrize("shard_tokens", [0, 256])
+def test_fast_chunk_reads_equal_zarr(tmp_path, corpus_dir, tokenizer_dir, shard_tokens):
+    tokenize(corpus_dir, tokenizer_dir, tmp_path / "s", chunk_tokens=32, shard_tokens=shard_tokens)
+    split = TokenStore.open(tmp_path / "s").split("train")
+    assert split._fast is not None, "the store layout must take the fast path"
+    rng = np.random.default_rng(0)
+    for start in [0, 31, 32, 255, 256, len(split) - 3] + list(rng.integers(0, len(split), 30)):
+        stop = int(start + rng.integers(0, 600))
+        np.testing.assert_array_equal(split.read(int(start), stop), split.tokens_array[int(start):min(stop, len(split))])
 
 
 def test_jsonl_json_parquet_sources_match_txt(tmp_path, jsonl_file, docs, tokenizer_dir):

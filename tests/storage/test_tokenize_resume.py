@@ -60,7 +60,7 @@ elif mode == "before-complete":
         os.kill(os.getpid(), signal.SIGKILL)
     W.finish = patched
 tk.run_tokenize(TokenizeConfig(corpus=sys.argv[3], tokenizer=sys.argv[4], out=sys.argv[5],
-                               val_fraction=0.2, chunk_tokens=64, batch_size=4))
+                               val_fraction=0.2, chunk_tokens=64, shard_tokens=int(sys.argv[6]), batch_size=4))
 print("CHILD FINISHED")
 """
 
@@ -70,22 +70,24 @@ SETTINGS = dict(val_fraction=0.2, chunk_tokens=64, batch_size=4)
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus_dir, tokenizer_dir):
     out = tmp_path_factory.mktemp("ref") / "s"
-    tokenize(corpus_dir, tokenizer_dir, out, **SETTINGS)
+    tokenize(corpus_dir, tokenizer_dir, out, shard_tokens=0, **SETTINGS)
     return read_store(out)
 
 
-@pytest.mark.parametrize("mode,n_kill", [("after-flush", 5), ("mid-write", 3), ("before-progress", 4), ("before-complete", 0)])
-def test_killed_run_is_refused_then_resumes_exactly(tmp_path, corpus_dir, tokenizer_dir, uninterrupted, mode, n_kill):
+@pytest.mark.parametrize("mode,n_kill,shard_tokens", [
+    ("after-flush", 5, 256), ("after-flush", 5, 0), ("mid-write", 3, 256), ("before-progress", 4, 256), ("before-complete", 0, 0),
+])
+def test_killed_run_is_refused_then_resumes_exactly(tmp_path, corpus_dir, tokenizer_dir, uninterrupted, mode, n_kill, shard_tokens):
     out = tmp_path / "s"
-    child = subprocess.run([sys.executable, "-c", CHILD, mode, str(n_kill), str(corpus_dir), str(tokenizer_dir), str(out)],
-                           capture_output=True, text=True, timeout=300)
+    args = [mode, str(n_kill), str(corpus_dir), str(tokenizer_dir), str(out), str(shard_tokens)]
+    child = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stdout + child.stderr
     assert "CHILD FINISHED" not in child.stdout
     with pytest.raises(IntegrityError, match="incomplete"):
         TokenStore.open(out)
     with pytest.raises(IntegrityError, match="incomplete"):
         verify_token_store(out)
-    result = tokenize(corpus_dir, tokenizer_dir, out, **SETTINGS)
+    result = tokenize(corpus_dir, tokenizer_dir, out, shard_tokens=shard_tokens, **SETTINGS)
     assert not result.already_complete
     if mode != "mid-write":
         assert result.resumed_after_docs > 0

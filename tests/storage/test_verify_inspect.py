@@ -111,7 +111,7 @@ def test_token_column_differing_from_the_store(tmp_path, token_store):
 def test_token_store_chunk_corruption_and_wrong_lengths(tmp_path, token_store):
     store = tmp_path / "s"
     shutil.copytree(token_store, store)
-    chunk = store / "train" / "tokens" / "c" / "3"
+    chunk = store / "train" / "tokens" / "c" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))

@@ -1,0 +1,128 @@
+"""Fast random reads of the token store's 1-D Zarr arrays, straight from the chunk files.
+
+zarr-python 3 spends about 1-2 ms per ``array[a:b]`` call in its async machinery, which
+caps random 1024-token windows at well under 1M tokens/s (bench/storage.py). The store
+layout is ours and simple -- a local folder, a regular 1-D grid, ``bytes`` (little endian)
++ ``zstd``, optionally inside ``sharding_indexed`` with the index at the end -- so this
+reader decodes exactly those chunk files with numcodecs' Zstd (the codec zarr itself
+uses). Any other layout returns ``None`` from :func:`chunk_reader` and the caller keeps
+using zarr. Tests check both paths agree; ``verify`` reads through zarr.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_CHUNKS = 8
+CACHE_INDEXES = 64
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def _plain_codecs(codecs: list) -> bool:
+    names = [c.get("name") for c in codecs]
+    little = (codecs[0].get("configuration") or {}).get("endian", "little") == "little" if codecs else False
+    return names == ["bytes", "zstd"] and little
+
+
+def _sharding(codecs: list) -> dict | None:
+    """The sharding configuration if it is the layout this reader understands."""
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    conf = codecs[0]["configuration"]
+    index = [c.get("name") for c in conf.get("index_codecs", [])]
+    ok = _plain_codecs(conf["codecs"]) and index in (["bytes", "crc32c"], ["bytes"]) and conf.get("index_location", "end") == "end"
+    return conf if ok else None
+
+
+def chunk_reader(array_dir: Path) -> "ChunkReader | None":
+    """A fast reader for the array in ``array_dir``, or None when its layout is not the simple one."""
+    meta = json.loads((Path(array_dir) / "zarr.json").read_text())
+    grid = meta["chunk_grid"]
+    key = meta["chunk_key_encoding"]
+    if len(meta["shape"]) != 1 or grid.get("name") != "regular" or key.get("name") != "default":
+        return None
+    sharding = _sharding(meta["codecs"])
+    if sharding is None and not _plain_codecs(meta["codecs"]):
+        return None
+    return ChunkReader(Path(array_dir), meta, sharding)
+
+
+class ChunkReader:
+    """Reads ``[start, stop)`` of one 1-D array; keeps the last few decoded chunks."""
+
+    def __init__(self, folder: Path, meta: dict, sharding: dict | None) -> None:
+        from numcodecs import Zstd
+
+        self.folder = folder
+        self.length = int(meta["shape"][0])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.fill = meta.get("fill_value", 0)
+        self.sep = (meta["chunk_key_encoding"].get("configuration") or {}).get("separator", "/")
+        outer = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        self.chunk = int(sharding["chunk_shape"][0]) if sharding else outer
+        self.per_shard = outer // self.chunk if sharding else 1
+        self.index_crc = bool(sharding) and len(sharding.get("index_codecs", [])) == 2
+        self.sharded = sharding is not None
+        self.zstd = Zstd()
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.length)
+        first, last = start // self.chunk, max(stop - 1, start) // self.chunk
+        parts = [self._chunk(i) for i in range(first, last + 1)] if stop > start else []
+        if not parts:
+            return np.zeros(0, self.dtype)
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        lo = start - first * self.chunk
+        return data[lo:lo + stop - start]
+
+    def _chunk(self, i: int) -> np.ndarray:
+        if i in self._chunks:
+            self._chunks.move_to_end(i)
+            return self._chunks[i]
+        raw = self._raw_chunk(i)
+        data = np.full(self.chunk, self.fill, self.dtype) if raw is None else np.frombuffer(self.zstd.decode(raw), self.dtype)
+        self._chunks[i] = data
+        if len(self._chunks) > CACHE_CHUNKS:
+            self._chunks.popitem(last=False)
+        return data
+
+    def _file(self, outer: int) -> Path:
+        return self.folder / f"c{self.sep}{outer}"
+
+    def _raw_chunk(self, i: int) -> bytes | None:
+        if not self.sharded:
+            file = self._file(i)
+            return file.read_bytes() if file.exists() else None
+        shard, inner = divmod(i, self.per_shard)
+        index = self._index(shard)
+        if index is None or index[inner, 0] == _EMPTY:
+            return None
+        offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
+        with open(self._file(shard), "rb") as f:
+            f.seek(offset)
+            return f.read(nbytes)
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """[per_shard, 2] (offset, nbytes) of the inner chunks; None for a missing shard."""
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return self._indexes[shard]
+        file = self._file(shard)
+        index = None
+        if file.exists():
+            size = self.per_shard * 16 + (4 if self.index_crc else 0)
+            with open(file, "rb") as f:
+                f.seek(-size, 2)
+                index = np.frombuffer(f.read(size)[: self.per_shard * 16], dtype="<u8").reshape(self.per_shard, 2)
+        self._indexes[shard] = index
+        if len(self._indexes) > CACHE_INDEXES:
+            self._indexes.popitem(last=False)
+        return index
