@@ -29,12 +29,16 @@ class TrainInputs:
     targets_path: Path | None
 
 
-def _recorded_store(targets_path: Path) -> Path | None:
-    """The token store a target folder says it was made from, if that folder still exists."""
+def _recorded_store(targets_path: Path, ws: Path) -> Path | None:
+    """The token store a target folder says it was made from, else its workspace twin
+    (``extract --corpus X`` writes ``<ws>/targets/X`` from ``<ws>/tokens/X``), if it exists."""
     from cocomix.storage.targets import TargetReader
 
     recorded = (TargetReader.open(targets_path).meta.get("tokens") or {}).get("path")
-    return Path(recorded) if recorded and Path(recorded).exists() else None
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    twin = ws / "tokens" / targets_path.name
+    return twin if targets_path.parent == ws / "targets" and (twin / "zarr.json").exists() else None
 
 
 def resolve_paths(method: str, tokens: str | None, targets: str | None, workspace: str | None) -> tuple[Path, Path | None]:
@@ -49,7 +53,7 @@ def resolve_paths(method: str, tokens: str | None, targets: str | None, workspac
         raise CocomixError(f"--targets {targets_path} is not a finished target folder (no manifest.json); run `cocomix extract` first")
     if tokens:
         return Path(tokens), targets_path
-    return (_recorded_store(targets_path) or find_single(ws, "tokens", "--tokens")), targets_path
+    return (_recorded_store(targets_path, ws) or find_single(ws, "tokens", "--tokens")), targets_path
 
 
 def open_inputs(method: str, tokens: str | None, targets: str | None, workspace: str | None) -> TrainInputs:
@@ -71,7 +75,10 @@ def open_inputs(method: str, tokens: str | None, targets: str | None, workspace:
 
 def check_targets_match_store(reader, store, targets_path: Path, tokens_path: Path) -> None:
     """Same tokenizer and vocabulary, the train split present and of the same length."""
-    reader.check_tokens(store.provenance())
+    try:
+        reader.check_tokens(store.provenance())
+    except MismatchError as err:
+        raise MismatchError(f"--targets {targets_path} do not belong to --tokens {tokens_path}: {err}") from None
     meta_vocab = reader.meta.get("vocab_size")
     if meta_vocab is not None and int(meta_vocab) != store.vocab_size:
         raise MismatchError(

@@ -83,6 +83,7 @@ def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=accum,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         log_with=check_tracker(cfg.tracker),
@@ -93,7 +94,8 @@ def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
 def world_size() -> int:
     from accelerate import PartialState
 
-    return PartialState().num_processes
+    # cpu=True is what makes accelerate use gloo for a CPU-only torchrun/accelerate launch
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
 def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):

@@ -1,0 +1,59 @@
+"""Stage-2 fixtures: synthetic target shards over the shared ``token_store`` (no stage 1 needed).
+
+Labels are random latent ids below ``N_LATENTS`` with about a fifth of the slots set to
+``ignore_id``; the meta follows the contract stage 1 writes (teacher, tokenizer, SAE, ...).
+Extraction windows of 64 tokens and shards of 8 windows make 128-token training windows
+cross shard boundaries.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+N_LATENTS = 96
+K_ATTR = 4
+
+
+def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_attr: int = K_ATTR, window: int = 64,
+                  windows_per_shard: int = 8, seed: int = 0, ignore_frac: float = 0.2, meta_update: dict | None = None) -> Path:
+    """Fill a target folder for every split of the store with seeded random labels."""
+    from cocomix.storage.targets import TargetWriter, id_dtype, ignore_id, plan_shards
+    from cocomix.storage.token_store import TokenStore
+
+    store = TokenStore.open(store_path)
+    ids_dt = id_dtype(n_latents)
+    meta = {
+        "teacher": {"id": "synthetic", "sha256": "0" * 64},
+        "tokenizer_sha256": store.tokenizer_sha256,
+        "vocab_size": store.vocab_size,
+        "sae": {"source": "synthetic", "sha256": "1" * 64, "n_latents": n_latents, "k": 8, "layer": 1,
+                "location": "resid_post", "normalize": True},
+        "selection": "attribution", "attribution_input": "latents", "k_attr": k_attr, "window": window,
+        "tokens": store.provenance(),
+        **(meta_update or {}),
+    }
+    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window, windows_per_shard)
+    rng = np.random.default_rng(seed)
+    with TargetWriter(out, meta=meta, plan=plan, k_attr=k_attr, id_dtype=ids_dt, score_dtype=np.float32,
+                      token_dtype=store.dtype) as writer:
+        for spec in writer.pending():
+            n = spec.end - spec.start
+            ids_NK = rng.integers(0, n_latents, size=(n, k_attr)).astype(ids_dt)
+            ids_NK[rng.random((n, k_attr)) < ignore_frac] = ignore_id(ids_dt)
+            scores_NK = rng.random((n, k_attr)).astype(np.float32)
+            writer.write_shard(spec, store.split(spec.split).read(spec.start, spec.end), ids_NK, scores_NK)
+        writer.finalize()
+    return out
+
+
+@pytest.fixture(scope="session")
+def targets_dir(tmp_path_factory, token_store) -> Path:
+    return write_targets(token_store, tmp_path_factory.mktemp("targets") / "targets")
+
+
+@pytest.fixture(scope="session")
+def make_targets():
+    """``write_targets`` for tests that need a variant (test modules cannot import a conftest)."""
+    return write_targets
