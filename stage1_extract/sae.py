@@ -58,7 +58,9 @@ class TopKSAE(nn.Module):
         self.d_in, self.n_latents, self.k, self.normalize = d_in, n_latents, k, normalize
         self.W_enc = nn.Parameter(torch.zeros(n_latents, d_in))  # [L, D] = encoder.weight
         self.b_enc = nn.Parameter(torch.zeros(n_latents))  # [L] = latent_bias
-        self.W_dec = nn.Parameter(torch.zeros(d_in, n_latents))  # [D, L] = decoder.weight
+        # [D, L] = decoder.weight, stored column-major (as OpenAI's train.py) so that ``W_dec.t()`` [L, D]
+        # is contiguous: gathering K columns reads K rows, and embedding_bag needs no 100 MB copy per call.
+        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in).t())
         self.b_pre = nn.Parameter(torch.zeros(d_in))  # [D] = pre_bias
 
     def extra_repr(self) -> str:
@@ -90,8 +92,8 @@ class TopKSAE(nn.Module):
     def decode_normalized(self, top_idx: torch.Tensor, top_val: torch.Tensor) -> torch.Tensor:
         """``W_dec z + b_pre`` in the normalised space, gathering only the K active columns.
 
-        ``embedding_bag`` over ``W_dec.T`` ([L, D] view) sums ``val * W_dec[:, idx]`` per row
-        without materialising ``[..., L]``; its backward touches only the K gathered rows.
+        ``embedding_bag`` over ``W_dec.t()`` ([L, D], contiguous: see ``__init__``) sums
+        ``val * W_dec[:, idx]`` per row without materialising ``[..., L]``.
         """
         lead = top_idx.shape[:-1]
         idx_NK = top_idx.reshape(-1, top_idx.shape[-1])

@@ -75,3 +75,16 @@ def test_sparse_decode_gradients_match_dense():
     reference_decode(ref, z, h).pow(2).sum().backward()
     for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_decoder_is_stored_column_major_through_load_and_moves(openai_sae_file, tmp_path):
+    """``W_dec.t()`` must stay contiguous (a row-major W_dec makes every sparse decode copy the matrix)."""
+    from cocomix.stage1_extract.sae_io import load_sae, save_sae
+
+    sae, _ = load_sae(str(openai_sae_file))
+    assert sae.W_dec.t().is_contiguous()
+    assert sae.double().to("cpu").W_dec.t().is_contiguous()
+    save_sae(sae, tmp_path / "s", {})
+    again, _ = load_sae(str(tmp_path / "s"))
+    assert again.W_dec.t().is_contiguous()
+    torch.testing.assert_close(again.W_dec, sae.W_dec.float())
