@@ -49,6 +49,7 @@ class TargetWriter:
         self.ignore_id = ignore_id(self.id_dtype)
         self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr)
         self._locks: dict[ShardSpec, int] = {}
+        self._written: dict[ShardSpec, str] = {}  # sha256 of shards this object wrote (no need to re-hash)
         self._open_folder(overwrite)
 
     # ---- plan.json: identity of the folder -------------------------------------------------
@@ -128,7 +129,11 @@ class TargetWriter:
         except ValueError:
             return False
         same = (info.get("start"), info.get("end"), info.get("rows")) == (spec.start, spec.end, spec.rows)
-        return same and info.get("sha256") == sha256_file(shard)
+        if not same:
+            return False
+        if self._written.get(spec) == info.get("sha256"):
+            return True
+        return info.get("sha256") == sha256_file(shard)
 
     # ---- writing ----------------------------------------------------------------------------
     def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores) -> dict:
@@ -181,6 +186,7 @@ class TargetWriter:
                 "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION}
         atomic_replace(tmp, final)
         atomic_write_json(sidecar_path(final), info)
+        self._written[spec] = info["sha256"]
         return info
 
     # ---- manifest ---------------------------------------------------------------------------
