@@ -74,14 +74,16 @@ class ChunkReader:
         self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """A new, writable array (callers may modify it; the cached chunks stay intact)."""
         stop = min(stop, self.length)
         first, last = start // self.chunk, max(stop - 1, start) // self.chunk
         parts = [self._chunk(i) for i in range(first, last + 1)] if stop > start else []
         if not parts:
             return np.zeros(0, self.dtype)
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         lo = start - first * self.chunk
-        return data[lo:lo + stop - start]
+        if len(parts) == 1:
+            return parts[0][lo:lo + stop - start].copy()
+        return np.concatenate(parts)[lo:lo + stop - start]
 
     def _chunk(self, i: int) -> np.ndarray:
         if i in self._chunks:

@@ -78,6 +78,14 @@ class Corpus:
             h.update(f"{file.relative_to(root) if root != file else file.name}:{file.stat().st_size}:{_head_tail(file)}".encode())
         return h.hexdigest()
 
+    def probe(self) -> None:
+        """Open the source and read its first document, so a missing field, an empty corpus or an
+        unreachable hub fails before an output folder is created."""
+        first = next(iter(self.documents()), None)
+        self.stats = DecodeStats()
+        if first is None:
+            raise CocomixError(f"corpus {self.source} holds no documents; pass a non-empty corpus")
+
     def documents(self, skip: int = 0) -> Iterator[str]:
         """Document texts in order, starting after the first ``skip`` (skipped ones are not decoded)."""
         if self.kind == "hub":

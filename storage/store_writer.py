@@ -69,6 +69,7 @@ class StoreWriter:
         self.path = Path(path)
         self.group = group
         self.docs_done = int(progress.get("docs_done", 0))
+        self.notes: dict = dict(progress.get("notes", {}))  # counters the caller wants to survive a resume
         self.buffers = {name: _SplitBuffer() for name in SPLITS}
         for name, counts in progress.get("splits", {}).items():
             buf = self.buffers[name]
@@ -172,7 +173,7 @@ class StoreWriter:
 
     def progress(self) -> dict:
         counts = {name: {"n_tokens": b.committed_tokens, "n_docs": b.committed_docs} for name, b in self.buffers.items()}
-        return {"docs_done": self.docs_done, "splits": counts}
+        return {"docs_done": self.docs_done, "splits": counts, "notes": self.notes}
 
     def _sync_array(self, split: str, name: str, old_len: int, new_len: int) -> None:
         """fsync the chunk files covering ``[old_len, new_len)`` and the array metadata."""

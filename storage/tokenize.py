@@ -68,6 +68,7 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     t0 = time.monotonic()
     out = Path(cfg.out) if cfg.out else tokens_dir(workspace_root(cfg.workspace), cfg.corpus)
     corpus = resolve_corpus(cfg.corpus, cfg.text_field)
+    corpus.probe()
     identity = _identity(cfg, corpus)
     attrs = _existing_attrs(out)
     if attrs is not None and attrs.get("identity") == identity and attrs.get("complete"):
@@ -80,6 +81,8 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     if writer is None:
         writer, tok = _create(cfg, corpus, out, identity)
     resumed = writer.docs_done
+    corpus.stats.replaced_bytes = int(writer.notes.get("replaced_bytes", 0))
+    corpus.stats.bad_docs = int(writer.notes.get("bad_utf8_docs", 0))
     _tokenize_all(cfg, corpus, writer, tok)
     counts = _finish(writer, corpus, cfg)
     result = TokenizeResult(out, counts, len(tok), resumed_after_docs=resumed,
@@ -191,6 +194,7 @@ def _tokenize_all(cfg: TokenizeConfig, corpus: Corpus, writer: StoreWriter, tok)
             writer.documents_consumed(len(batch.ids))
             writer.flush()
             if time.monotonic() - last_commit >= COMMIT_SECONDS:
+                writer.notes.update(replaced_bytes=corpus.stats.replaced_bytes, bad_utf8_docs=corpus.stats.bad_docs)
                 writer.commit()
                 last_commit = time.monotonic()
             bar.advance(len(batch.ids), sum(len(ids) for ids in batch.ids))

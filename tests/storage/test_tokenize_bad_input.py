@@ -130,3 +130,19 @@ def test_reader_refuses_non_stores_and_other_versions(tmp_path, token_store):
     with pytest.raises(IntegrityError, match="incomplete"):
         TokenStore.open(copy)
     assert np.asarray(read_store(token_store)["train"][0]).size
+
+
+def test_hub_names_and_alias_offline(tmp_path, tokenizer_dir):
+    from cocomix.storage.corpus import resolve_corpus
+
+    assert resolve_corpus("openwebtext").hub_name == "Skylion007/openwebtext"
+    with pytest.raises(CocomixError, match="pass a local .* to --corpus"):
+        tokenize("no-such-org/no-such-dataset", tokenizer_dir, tmp_path / "s")
+    assert not (tmp_path / "s").exists(), "an unreachable source must fail before the output folder is made"
+
+
+def test_missing_field_fails_before_creating_the_store(tmp_path, tokenizer_dir):
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(CocomixError, match="'text'"):
+        tokenize(tmp_path / "c.jsonl", tokenizer_dir, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
