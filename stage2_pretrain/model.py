@@ -258,10 +258,13 @@ class CoCoMixForCausalLM(PreTrainedModel):
 
 # ----------------------------------------------------------------------------- losses
 def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean CE of position t against label t+1 (HF's shift), fp32, ``-100`` ignored."""
+    """Mean CE of position t against label t+1 (HF's convention), fp32, ``-100`` ignored.
+
+    Shifts the labels, not the logits: ``logits[:, :-1]`` would copy the [B, T, V] tensor.
+    """
     V = logits_BTV.size(-1)
-    return F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, V), labels_BT[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    next_BT = F.pad(labels_BT[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits_BTV.float().reshape(-1, V), next_BT.reshape(-1), ignore_index=-100)
 
 
 def concept_ce(z_BTL: torch.Tensor, ids_BTK: torch.Tensor, ignore_id: int) -> torch.Tensor:
@@ -308,8 +311,11 @@ class SelectAndScore(torch.autograd.Function):
         coef_BT = valid_BTK.sum(-1) * scale  # d loss / d lse_t
         grad_BTL = torch.empty_like(z_BTL)
         rows = (t.flatten(0, 1).split(SelectAndScore.CHUNK) for t in (grad_BTL, z_BTL, lse_BT, coef_BT))
-        for g_NL, z_NL, lse_N, coef_N in zip(*rows):  # softmax(z) * coef, chunk by chunk, in place
-            g_NL.copy_((z_NL.float() - lse_N[:, None]).exp_().mul_(coef_N[:, None]))
+        for g_NL, z_NL, lse_N, coef_N in zip(*rows):  # softmax(z) * coef, chunk by chunk
+            if g_NL.dtype == torch.float32:  # straight into the gradient buffer
+                torch.sub(z_NL, lse_N[:, None], out=g_NL).exp_().mul_(coef_N[:, None])
+            else:  # bf16/fp16: through an fp32 chunk
+                g_NL.copy_((z_NL.float() - lse_N[:, None]).exp_().mul_(coef_N[:, None]))
         grad_BTL.scatter_add_(-1, safe_BTK, (-scale * valid_BTK).to(grad_BTL.dtype))
         if g_val_BTC is not None:
             grad_BTL.scatter_add_(-1, top_idx_BTC, g_val_BTC.to(grad_BTL.dtype))
