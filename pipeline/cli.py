@@ -10,6 +10,7 @@ import typer
 from cocomix.pipeline import __version__
 from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
+from cocomix.pipeline.quickstart import QuickstartConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
 from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
@@ -47,6 +48,7 @@ COMMANDS = {
     "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae_train:run_sae_train"),
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
+    "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
 }
 
 for _name, (_app, _cfg, _run) in COMMANDS.items():

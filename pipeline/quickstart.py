@@ -1,0 +1,184 @@
+"""``cocomix quickstart``: the whole chain offline, on a corpus every Python install carries.
+
+No model or data set can be downloaded on a fresh offline machine, so the quickstart builds its
+own chain (DESIGN.md §8)::
+
+    stdlib sources ─▶ tokenize (+ train BPE) ─▶ NTP teacher (pretrain --method ntp)
+                   ─▶ sae train ─▶ extract ─▶ CoCoMix + NTP students ─▶ eval ─▶ results table
+
+Every step is a call of the same run function the CLI uses, with outputs under
+``<workspace>/quickstart/``. Each step is resumable or skipped when its output is complete, so an
+interrupted quickstart continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from cocomix.pipeline.configs import flag
+from cocomix.pipeline.errors import ConfigError
+from cocomix.pipeline.logs import console
+from cocomix.pipeline.workspace import workspace_root
+
+log = logging.getLogger(__name__)
+
+SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__"}
+
+
+@dataclass
+class QuickstartConfig:
+    """Run the whole chain offline on a slice of the Python standard library's sources."""
+
+    workspace: str | None = flag(None, help="Workspace folder; outputs go to <workspace>/quickstart. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
+    corpus_mb: float = flag(3.0, help="Megabytes of standard-library source used as the corpus (one file = one document).")
+    vocab_size: int = flag(4096, help="Vocabulary of the byte-level BPE trained on the corpus.")
+    size: str = flag("tiny", help="Model preset of the teacher and both students.")
+    teacher_steps: int = flag(300, help="Optimizer steps of the NTP teacher.")
+    student_steps: int = flag(300, help="Optimizer steps of each student (CoCoMix and NTP).")
+    batch_tokens: int | None = flag(None, help="Tokens per optimizer step of every run. Default: the preset's.")
+    layer: int = flag(1, help="Teacher block whose output the SAE reads (0-based).")
+    sae_latents: int = flag(1024, help="Latents of the teacher's SAE.")
+    sae_k: int = flag(16, help="Active latents per token of the SAE.")
+    sae_tokens: int = flag(1_000_000, help="Activations the SAE trains on.")
+    k_attr: int = flag(4, help="Concept labels per token.")
+    seed: int = flag(0, help="Seed of every step.")
+    fresh: bool = flag(False, help="Delete <workspace>/quickstart first instead of resuming it.")
+
+    def __post_init__(self) -> None:
+        if self.corpus_mb <= 0:
+            raise ConfigError(f"--corpus-mb must be > 0, got {self.corpus_mb}")
+        for name in ("teacher_steps", "student_steps", "sae_latents", "sae_k", "sae_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class QuickstartResult:
+    """Where everything went, and the students' validation perplexities."""
+
+    root: Path  #: <workspace>/quickstart
+    paths: dict[str, Path]  #: artifact name -> folder
+    val_ppl: dict[str, float]  #: "cocomix" / "ntp" -> validation perplexity
+    active_params: dict[str, int]  #: "cocomix" / "ntp" -> active parameter count
+    seconds: float  #: wall time of this invocation
+
+
+def stdlib_corpus(out: Path, max_bytes: int) -> Path:
+    """Copy standard-library ``.py`` files (sorted, deterministic) into ``out`` as ``.txt`` documents."""
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for i, path in enumerate(sorted(stdlib.rglob("*.py"))):
+        if SKIP_PARTS & set(path.relative_to(stdlib).parts) or total >= max_bytes:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        (out / f"{i:05d}-{path.stem}.txt").write_text(text, encoding="utf-8")
+        total += len(text.encode())
+    marker.write_text(json.dumps({"bytes": total, "stdlib": str(stdlib)}))
+    log.info("corpus: %.1f MB of standard-library sources from %s", total / 1e6, stdlib)
+    return out
+
+
+def _paths(root: Path) -> dict[str, Path]:
+    names = ("corpus", "tokens", "teacher", "sae", "targets", "cocomix", "ntp")
+    return {name: root / name for name in names}
+
+
+def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, targets: Path | None, steps: int):
+    """A stage-2 run; resumed when a previous quickstart left checkpoints, skipped when finished."""
+    from cocomix.stage2_pretrain.config import PretrainConfig
+    from cocomix.stage2_pretrain.train import run_pretrain
+
+    resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+    pcfg = PretrainConfig(
+        method=method, size=cfg.size, tokens=str(tokens), targets=str(targets) if targets else None,
+        out=str(out), max_steps=steps, batch_tokens=cfg.batch_tokens, seed=cfg.seed, resume=resume,
+        eval_every=max(steps // 3, 1), save_every=max(steps // 3, 1), keep_last=1, log_every=max(steps // 15, 1),
+    )
+    return run_pretrain(pcfg)
+
+
+def _teacher_and_sae(paths: dict[str, Path], cfg: QuickstartConfig):
+    from cocomix.stage1_extract.config import SaeTrainConfig
+    from cocomix.stage1_extract.sae_train import run_sae_train
+
+    teacher = _pretrain("ntp", paths["teacher"], cfg, tokens=paths["tokens"], targets=None, steps=cfg.teacher_steps)
+    sae_cfg = SaeTrainConfig(
+        teacher=str(teacher.final), tokens=str(paths["tokens"]), layer=cfg.layer, out=str(paths["sae"]),
+        latents=cfg.sae_latents, k=cfg.sae_k, train_tokens=cfg.sae_tokens, dead_tokens=cfg.sae_tokens // 4,
+        window=_context(cfg), seed=cfg.seed, lr=1e-3, overwrite=True,
+    )
+    if not (paths["sae"] / "cfg.json").exists():
+        run_sae_train(sae_cfg)
+    return teacher
+
+
+def _context(cfg: QuickstartConfig) -> int:
+    from cocomix.stage2_pretrain.presets import get_preset
+
+    return get_preset(cfg.size).context
+
+
+def _run_chain(paths: dict[str, Path], cfg: QuickstartConfig) -> tuple[dict, dict]:
+    from cocomix.stage1_extract.config import ExtractConfig
+    from cocomix.stage1_extract.extract import run_extract
+    from cocomix.stage2_pretrain.config import EvalConfig
+    from cocomix.stage2_pretrain.evaluate import run_eval
+    from cocomix.storage.config import TokenizeConfig
+    from cocomix.storage.tokenize import run_tokenize
+
+    stdlib_corpus(paths["corpus"], int(cfg.corpus_mb * 1e6))
+    run_tokenize(TokenizeConfig(corpus=str(paths["corpus"]), out=str(paths["tokens"]), train_tokenizer=cfg.vocab_size,
+                                val_fraction=0.05, seed=cfg.seed))
+    teacher = _teacher_and_sae(paths, cfg)
+    run_extract(ExtractConfig(tokens=str(paths["tokens"]), teacher=str(teacher.final), sae=str(paths["sae"]),
+                              layer=cfg.layer, out=str(paths["targets"]), k_attr=cfg.k_attr, window=_context(cfg),
+                              batch_size=16, device="cpu"))
+    ppl, active = {}, {}
+    for method in ("cocomix", "ntp"):
+        run = _pretrain(method, paths[method], cfg, tokens=paths["tokens"], targets=paths["targets"], steps=cfg.student_steps)
+        result = run_eval(EvalConfig(ckpt=str(run.final), tokens=str(paths["tokens"]), split="val"))
+        ppl[method], active[method] = result.val_ppl, run.params_active
+    return ppl, active
+
+
+def _report(result: QuickstartResult) -> None:
+    table = Table(title="cocomix quickstart: validation perplexity (same tokens, matched active parameters)")
+    for col in ("student", "active params", "val ppl"):
+        table.add_column(col, justify="right" if col != "student" else "left")
+    for method, ppl in result.val_ppl.items():
+        table.add_row(method, f"{result.active_params[method]:,}", f"{ppl:.2f}")
+    console.print(table)
+    where = Table(title="artifacts", show_header=False)
+    for name, path in result.paths.items():
+        where.add_row(name, str(path))
+    console.print(where)
+    console.print(f"done in {result.seconds / 60:.1f} min; inspect the labels with `cocomix inspect {result.paths['targets']}`")
+
+
+def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
+    """Tokenize → teacher → SAE → extract → two students → eval, offline, resumable."""
+    start = time.time()
+    root = workspace_root(cfg.workspace) / "quickstart"
+    if cfg.fresh:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "quickstart.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    paths = _paths(root)
+    ppl, active = _run_chain(paths, cfg)
+    result = QuickstartResult(root, paths, ppl, active, time.time() - start)
+    (root / "results.json").write_text(json.dumps({"val_ppl": ppl, "active_params": active}, indent=2))
+    _report(result)
+    return result
