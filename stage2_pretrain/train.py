@@ -80,8 +80,13 @@ class StepValues(NamedTuple):
 # ----------------------------------------------------------------------------- set-up
 def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    # A second run in one process (quickstart, tests) must not inherit the first one's
+    # accumulation steps or precision from accelerate's process-wide singletons.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=accum,

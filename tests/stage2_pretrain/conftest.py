@@ -57,3 +57,15 @@ def targets_dir(tmp_path_factory, token_store) -> Path:
 def make_targets():
     """``write_targets`` for tests that need a variant (test modules cannot import a conftest)."""
     return write_targets
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core machine OpenMP threads that
+    spin against other processes make steps 3-4x slower; restored after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

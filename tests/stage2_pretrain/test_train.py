@@ -1,0 +1,121 @@
+"""``run_pretrain`` in process on the tiny preset: run folder, checkpoints others load, accumulation, errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.stage2_pretrain import train as train_mod
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.optim import lr_ratio
+from cocomix.stage2_pretrain.plan import make_plan
+from cocomix.stage2_pretrain.train import run_pretrain
+
+
+def pretrain(out: Path, tokens: Path, targets: Path | None = None, **kw):
+    args = dict(method="ntp" if targets is None else "cocomix", size="tiny", tokens=str(tokens),
+                targets=str(targets) if targets else None, out=str(out), max_steps=4, batch_tokens=512,
+                save_every=2, eval_every=2, eval_windows=2, log_every=1) | kw
+    return run_pretrain(PretrainConfig(**args))
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_ntp_run_folder_and_stock_gpt2_checkpoints(tmp_path, token_store):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    res = pretrain(tmp_path / "run", token_store, max_steps=5, keep_last=2)
+    run = json.loads((res.out / "run.json").read_text())
+    assert run["params"] == {"total": res.params_total, "active": res.params_active} and res.params_total > 0
+    assert run["plan"]["micro_batch"] * run["plan"]["accum"] * run["plan"]["context"] == 512
+    assert [r["step"] for r in records(res.out)] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records(res.out))
+    assert [r["step"] for r in records(res.out, "eval")] == [2, 4, 5] and res.val_ppl > 1
+    names = sorted(p.name for p in (res.out / "checkpoints").iterdir())
+    assert names == ["step-0000004", "step-0000005"]  # keep_last=2
+    for folder in (res.checkpoint, res.final):
+        model = GPT2LMHeadModel.from_pretrained(folder)
+        assert type(model).__name__ == "GPT2LMHeadModel" and len(AutoTokenizer.from_pretrained(folder)) == 384
+    assert not (res.final / "optimizer.pt").exists() and (res.checkpoint / "complete").exists()
+
+
+def test_cocomix_checkpoint_reloads_with_concept_settings(tmp_path, token_store, targets_dir):
+    from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
+
+    res = pretrain(tmp_path / "run", token_store, targets_dir, max_steps=2)
+    model = CoCoMixForCausalLM.from_pretrained(res.final).eval()
+    cfg = model.config
+    assert (cfg.n_latents, cfg.k_attr, cfg.k_concept, cfg.lam) == (96, 4, 8, 0.1)
+    assert cfg.concept_provenance["sae"]["n_latents"] == 96 and cfg.concept_provenance["targets_path"] == str(targets_dir)
+    again = CoCoMixForCausalLM.from_pretrained(res.checkpoint).eval()
+    ids = torch.randint(0, 384, (1, 16))
+    torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits, rtol=0, atol=0)
+    rec = records(res.out)
+    assert all(r["loss"] == pytest.approx(r["ntp_loss"] + 0.1 * r["concept_loss"]) for r in rec)
+    assert json.loads((res.out / "run.json").read_text())["targets"]["meta"]["sae"]["n_latents"] == 96
+
+
+def test_accumulation_gives_the_global_batch_loss(tmp_path, token_store, targets_dir):
+    """2 micro-batches of 2 == 1 micro-batch of 4: the concept term is weighted by valid slots of the whole batch."""
+    a = pretrain(tmp_path / "a", token_store, targets_dir, micro_batch=2, save_every=0, eval_every=0)
+    b = pretrain(tmp_path / "b", token_store, targets_dir, micro_batch=4, save_every=0, eval_every=0)
+    assert json.loads((a.out / "run.json").read_text())["plan"]["accum"] == 2
+    for key in ("loss", "ntp_loss", "concept_loss", "grad_norm"):
+        got, want = ([r[key] for r in records(x.out)] for x in (a, b))
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_that_does_not_divide_names_the_flags():
+    with pytest.raises(ConfigError, match="--batch-tokens"):
+        make_plan(PretrainConfig(size="tiny", batch_tokens=1000), world=1)
+    with pytest.raises(ConfigError, match="--micro-batch"):
+        make_plan(PretrainConfig(size="tiny", batch_tokens=128 * 8, micro_batch=3), world=1)
+    plan = make_plan(PretrainConfig(size="tiny", batch_tokens=128 * 8), world=2)
+    assert (plan.micro_batch, plan.accum, plan.world) == (4, 1, 2)
+    assert plan.min_lr == 1e-4 and make_plan(PretrainConfig(size="tiny", lr=3e-3), 1).min_lr == pytest.approx(3e-4)
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    ratios = [lr_ratio(s, warmup=3, total=30, min_ratio=0.1) for s in range(31)]
+    assert ratios[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and ratios[3] == 1.0
+    assert all(a >= b for a, b in zip(ratios[3:], ratios[4:])) and ratios[30] == pytest.approx(0.1)
+    assert make_plan(PretrainConfig(size="69m"), 1).warmup == 40_000 // 300
+
+
+def test_non_empty_out_is_refused_unless_overwrite(tmp_path, token_store):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("old\n")
+    with pytest.raises(CocomixError, match="--overwrite"):
+        pretrain(out, token_store, max_steps=1)
+    res = pretrain(out, token_store, max_steps=1, overwrite=True)
+    assert len(records(res.out)) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_store, monkeypatch):
+    real, calls = train_mod.forward_backward, []
+
+    def poisoned(run, batch):
+        ntp, concept = real(run, batch)
+        calls.append(1)
+        return (ntp * float("nan"), concept) if len(calls) == 3 else (ntp, concept)
+
+    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
+    with pytest.raises(CocomixError, match="non-finite loss at step 3"):
+        pretrain(tmp_path / "run", token_store, max_steps=6)
+    from cocomix.stage2_pretrain.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(tmp_path / "run")
+    assert last.name == "step-0000002" and not (tmp_path / "run" / "final").exists()
+
+
+def test_unknown_or_missing_tracker_names_the_flag(tmp_path, token_store):
+    with pytest.raises(ConfigError, match="--tracker"):
+        pretrain(tmp_path / "run", token_store, tracker="mlflowish")
