@@ -120,9 +120,11 @@ def _stat_shards(shards: list[dict]) -> list[dict]:
     return [shards[i] for i in np.linspace(0, len(shards) - 1, n).astype(int)]
 
 
-def _decoder(reader: TargetReader, tokens: str | None):
-    """A tokenizer to show token text: --tokens store, else the teacher folder if local; None otherwise."""
+def _decoder(reader: TargetReader, tokens: str | None) -> object | None:
+    """A tokenizer to show token text: --tokens store, else the recorded store, else the teacher folder if local."""
     try:
+        recorded = (reader.meta.get("tokens") or {}).get("path")
+        tokens = tokens or (recorded if recorded and Path(recorded).is_dir() else None)
         if tokens:
             return TokenStore.open(tokens).load_tokenizer()
         teacher = str((reader.meta.get("teacher") or {}).get("id", ""))

@@ -130,9 +130,14 @@ class TokenStore:
         return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR))
 
     def provenance(self) -> dict:
-        """JSON-able identity of these tokens (stage 1 copies it into the target manifest)."""
+        """JSON-able identity of these tokens (stage 1 copies it into the target manifest).
+
+        ``path`` (absolute) only helps later commands find the store; comparisons such as
+        :meth:`TargetReader.check_tokens` ignore it, so a moved store still matches.
+        """
         a = self.attrs
         return {
+            "path": str(self.path.resolve()),
             "schema_version": a["schema_version"],
             "tokenizer": dict(a["tokenizer"]),
             "tokenizer_sha256": self.tokenizer_sha256,

@@ -210,6 +210,9 @@ def test_bad_shapes_and_values_refused(tmp_path, store, plan):
 def test_check_tokens_names_the_mismatch(finished, store):
     reader = TargetReader.open(finished)
     reader.check_tokens(store.provenance())
+    moved = store.provenance()
+    moved["path"] = "/somewhere/else"
+    reader.check_tokens(moved)
     other = store.provenance()
     other["tokenizer_sha256"] = "0" * 64
     with pytest.raises(MismatchError, match="tokenizer sha256"):

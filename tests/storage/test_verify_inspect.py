@@ -132,7 +132,7 @@ def test_verify_refuses_unknown_folders(tmp_path):
 
 
 def test_inspect_targets_json(targets, token_store, capsys):
-    result = run_inspect(InspectConfig(path=str(targets), json=True, tokens=str(token_store), samples=3))
+    result = run_inspect(InspectConfig(path=str(targets), json=True, samples=3))  # decodes via the recorded store path
     info = json.loads(capsys.readouterr().out)
     assert info == json.loads(json.dumps(result.info, default=str))
     reader = TargetReader.open(targets)
