@@ -194,7 +194,7 @@ class GPT2Body(nn.Module):
 def interleave(h_BTD: torch.Tensor, c_BTD: torch.Tensor) -> torch.Tensor:
     """``[h_1, c_1, h_2, c_2, ...]``: even positions hold tokens, odd positions concepts."""
     B, T, D = h_BTD.shape
-    return torch.stack([h_BTD, c_BTD], dim=2).view(B, 2 * T, D)
+    return torch.stack([h_BTD, c_BTD.to(h_BTD.dtype)], dim=2).view(B, 2 * T, D)  # [B, T, 2, D] -> [B, S, D]
 
 
 class CoCoMixForCausalLM(PreTrainedModel):
@@ -239,10 +239,12 @@ class CoCoMixForCausalLM(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 concept_ids: torch.Tensor | None = None, **kwargs) -> CoCoMixOutput:
-        """``labels`` = ``input_ids`` (HF convention, shifted here; -100 ignored); ``concept_ids`` [B, T, K]."""
+        """``labels`` = ``input_ids`` (HF convention, shifted here; -100 ignored); ``concept_ids`` [B, T, K].
+
+        Windows are full (no padding mask); other HF keyword arguments are accepted and ignored.
+        """
         cfg, body = self.config, self.transformer
-        B, T = input_ids.shape
-        pos_T = torch.arange(T, device=input_ids.device)
+        pos_T = torch.arange(input_ids.shape[1], device=input_ids.device)
         h_BTD = body.drop(body.wte(input_ids) + body.wpe(pos_T))
         for block in body.h[:cfg.insert_layer]:
             h_BTD = block(h_BTD)

@@ -8,7 +8,9 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from cocomix.stage1_extract.sae import layernorm_unbiased
-from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM, SelectAndScore, concept_ce, interleave
+from cocomix.stage2_pretrain.model import (
+    CoCoMixConfig, CoCoMixForCausalLM, SelectAndScore, concept_ce, interleave, next_token_loss,
+)
 
 V, L, C, K, IGNORE = 97, 48, 6, 4, 65535
 
@@ -154,6 +156,17 @@ def test_losses_match_official_formula_when_no_slot_is_ignored():
     assert_close(out.concept_loss, official)
     assert_close(out.ntp_loss, ntp)
     assert_close(out.loss, ntp + 0.1 * official)
+
+
+def test_next_token_loss_follows_the_hf_gpt2_convention():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    ids = tokens()
+    lab = ids.clone()
+    lab[0, 3:6] = -100
+    out = gpt2(input_ids=ids, labels=lab)
+    assert_close(next_token_loss(out.logits, lab), out.loss)
 
 
 def test_ignored_label_slots_contribute_nothing():
