@@ -144,7 +144,7 @@ def _root(source: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _head_tail(file: Path, n: int = 1 << 20) -> str:
+def _head_tail(file: Path, n: int = 1 << 16) -> str:
     with open(file, "rb") as f:
         head = f.read(n)
         f.seek(max(f.seek(0, 2) - n, len(head)))

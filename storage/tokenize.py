@@ -120,20 +120,28 @@ def _existing_attrs(out: Path) -> dict | None:
 def _refuse_or_clear(out: Path, attrs: dict, identity: dict, overwrite: bool) -> None:
     old = attrs.get("identity") or {}
     if not overwrite:
+        keys = [k for k in identity if old.get(k) != identity.get(k)] or list(identity)
         raise MismatchError(
-            f"{out} holds a token store of {_describe(old)}, not {_describe(identity)}; "
+            f"{out} holds a token store made with {_describe(old, keys)}, not {_describe(identity, keys)}; "
             "pass --overwrite to replace it or choose another --out"
         )
-    log.warning("--overwrite: replacing %s (%s)", out, _describe(old))
+    log.warning("--overwrite: replacing %s (%s)", out, _describe(old, list(old)))
     clear_folder(out)
 
 
-def _describe(identity: dict) -> str:
-    corpus = identity.get("corpus", {})
-    tok = identity.get("tokenizer", {})
-    tok_text = f"BPE trained to {tok['train_bpe']} ids" if "train_bpe" in tok else f"tokenizer {tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]})"
-    return (f"corpus {corpus.get('source')} (fingerprint {str(corpus.get('fingerprint'))[:12]}), {tok_text}, "
-            f"split {identity.get('split')}, max_docs {identity.get('max_docs')}")
+def _describe(identity: dict, keys: list[str]) -> str:
+    """The parts ``keys`` of a store identity, in words."""
+    parts = []
+    for key in keys:
+        value = identity.get(key)
+        if key == "corpus" and isinstance(value, dict):
+            parts.append(f"corpus {value.get('source')} (fingerprint {str(value.get('fingerprint'))[:12]}, field {value.get('text_field')!r})")
+        elif key == "tokenizer" and isinstance(value, dict):
+            parts.append(f"a BPE trained to {value['train_bpe']} ids" if "train_bpe" in value
+                         else f"tokenizer {value.get('name')} (sha256 {str(value.get('sha256'))[:12]})")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
 
 
 def _resume(out: Path) -> tuple[StoreWriter | None, object]:
