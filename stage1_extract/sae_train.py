@@ -28,6 +28,7 @@ import torch
 from cocomix.pipeline.errors import CocomixError
 from cocomix.stage1_extract.config import SaeTrainConfig
 from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.sae_grad import gathered_pre_activations
 from cocomix.stage1_extract.sae_io import COCOMIX_WEIGHTS, save_sae
 from cocomix.stage1_extract.sae_progress import SaeTrainProgress, print_summary
 from cocomix.stage1_extract.sae_stream import collect, normalized_activations, shuffled_batches, window_batches
@@ -136,38 +137,62 @@ def normalized_mse(recons_ND: torch.Tensor, target_ND: torch.Tensor) -> torch.Te
     return (recons_ND - target_ND).pow(2).sum() / (target_ND - target_ND.mean(0)).pow(2).sum()
 
 
-def auxk_loss(sae: TopKSAE, x_ND, recons_ND, pre_NL, dead_L, auxk: int) -> torch.Tensor:
-    """Normalised MSE of the top-``auxk`` dead latents reconstructing the main residual (no ``b_pre``)."""
-    n_dead = int(dead_L.sum())
-    if n_dead == 0:
+class Losses(NamedTuple):
+    """Output of :func:`sae_losses` (tensors keep their graph for ``backward``)."""
+
+    loss: torch.Tensor  #: main + auxk_coef * auxk
+    main: torch.Tensor  #: MSE / variance of the init sample
+    auxk: torch.Tensor  #: normalised MSE of the AuxK reconstruction of the residual (0 when no latent is dead)
+    recons_ND: torch.Tensor
+    top_val_NK: torch.Tensor
+
+
+def auxk_indices(pre_NL: torch.Tensor, dead_L: torch.Tensor, auxk: int) -> torch.Tensor:
+    """``[N, A]``: the top pre-activations among dead latents, ``A = min(auxk, dead)`` (may be 0)."""
+    n_aux = min(auxk, int(dead_L.sum()))
+    if n_aux == 0:
+        return pre_NL.new_zeros(len(pre_NL), 0, dtype=torch.long)
+    return pre_NL.masked_fill(~dead_L, -math.inf).topk(n_aux, dim=-1).indices
+
+
+def sae_losses(sae: TopKSAE, x_ND: torch.Tensor, tracker: DeadTracker, cfg: SaeTrainConfig, mse_scale: float) -> Losses:
+    """Forward of one step: dense ``pre`` without autograd, then gradients through the selected latents only."""
+    with torch.no_grad():
+        pre_NL = sae.pre_activations(x_ND)
+        top_idx_NK = pre_NL.topk(sae.k, dim=-1).indices
+        tracker.update(top_idx_NK, pre_NL.gather(-1, top_idx_NK))  # before AuxK, as OpenAI
+        aux_idx_NA = auxk_indices(pre_NL, tracker.dead(cfg.dead_tokens), cfg.auxk if cfg.auxk_coef > 0 else 0)
+    vals_NS = torch.relu(gathered_pre_activations(sae, x_ND, pre_NL, torch.cat([top_idx_NK, aux_idx_NA], -1)))
+    top_val_NK, aux_val_NA = vals_NS.split([sae.k, aux_idx_NA.shape[1]], dim=-1)
+    recons_ND = sae.decode_normalized(top_idx_NK, top_val_NK)
+    main = (recons_ND - x_ND).pow(2).mean() * mse_scale
+    aux = auxk_loss(sae, x_ND, recons_ND, aux_idx_NA, aux_val_NA)
+    return Losses(main + cfg.auxk_coef * aux, main, aux, recons_ND, top_val_NK)
+
+
+def auxk_loss(sae: TopKSAE, x_ND, recons_ND, aux_idx_NA, aux_val_NA) -> torch.Tensor:
+    """Normalised MSE of the AuxK latents reconstructing the main residual; their decode has no ``b_pre``."""
+    if aux_idx_NA.shape[1] == 0:
         return x_ND.new_zeros(())
-    aux_val_NK, aux_idx_NK = pre_NL.masked_fill(~dead_L, -math.inf).topk(min(auxk, n_dead), dim=-1)
-    aux_recons_ND = sae.decode_normalized(aux_idx_NK, torch.relu(aux_val_NK)) - sae.b_pre
+    aux_recons_ND = sae.decode_normalized(aux_idx_NA, aux_val_NA) - sae.b_pre
     return normalized_mse(aux_recons_ND, x_ND - recons_ND.detach()).nan_to_num(0.0)
 
 
 def train_step(sae: TopKSAE, opt, x_ND: torch.Tensor, tracker: DeadTracker, cfg: SaeTrainConfig,
                mse_scale: float) -> StepStats:
     """One Adam step on a batch of normalised activations."""
-    pre_NL = sae.pre_activations(x_ND)
-    top_val_NK, top_idx_NK = pre_NL.topk(sae.k, dim=-1)
-    top_val_NK = torch.relu(top_val_NK)
-    recons_ND = sae.decode_normalized(top_idx_NK, top_val_NK)
-    tracker.update(top_idx_NK, top_val_NK.detach())  # before AuxK, as OpenAI
-    main = (recons_ND - x_ND).pow(2).mean() * mse_scale
-    aux = auxk_loss(sae, x_ND, recons_ND, pre_NL, tracker.dead(cfg.dead_tokens), cfg.auxk) if cfg.auxk_coef else main.new_zeros(())
-    loss = main + cfg.auxk_coef * aux
-    if not torch.isfinite(loss):
+    losses = sae_losses(sae, x_ND, tracker, cfg, mse_scale)
+    if not torch.isfinite(losses.loss):
         raise CocomixError(f"non-finite SAE loss after {tracker.seen:,} tokens; lower --lr (now {cfg.lr})")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    losses.loss.backward()
     project_decoder_grad_(sae)
     opt.step()
     normalize_decoder_(sae)
     with torch.no_grad():
-        fvu = normalized_mse(recons_ND, x_ND).item()
-        l0 = (top_val_NK > 0).float().sum(-1).mean().item()
-    return StepStats(loss.item(), fvu, aux.item(), l0)
+        fvu = normalized_mse(losses.recons_ND, x_ND).item()
+        l0 = (losses.top_val_NK > 0).float().sum(-1).mean().item()
+    return StepStats(losses.loss.item(), fvu, losses.auxk.item(), l0)
 
 
 @torch.no_grad()

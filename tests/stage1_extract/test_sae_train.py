@@ -191,22 +191,46 @@ def test_dead_tracker_counts_tokens_since_fired():
     assert tracker.dead_fraction(1) == pytest.approx(0.6)  # ... and 0 for the last token
 
 
-def test_auxk_loss_matches_dense_reference():
-    sae = small_sae(seed=2)
-    x = layernorm_unbiased(torch.randn(32, 16, generator=torch.Generator().manual_seed(4))).x
-    pre = sae.pre_activations(x)
-    val, idx = pre.topk(4, dim=-1)
-    recons = sae.decode_normalized(idx, F.relu(val))
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True  # 22 dead latents, auxk 8
-    got = st.auxk_loss(sae, x, recons, pre, dead, 8)
-    masked = pre.masked_fill(~dead, float("-inf"))
-    top = masked.topk(8, dim=-1)
-    z = torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
-    residual = x - recons
-    expected = ((z @ sae.W_dec.T - residual) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
-    torch.testing.assert_close(got, expected)
-    assert st.auxk_loss(sae, x, recons, pre, torch.zeros(64, dtype=torch.bool), 8).item() == 0.0
+def dense_reference_losses(sae, x, dead, auxk, coef, mse_scale):
+    """OpenAI's recipe with dense autograd: pre for all latents, topk, scatter, dense decoder, dense AuxK."""
+    pre = F.linear(x - sae.b_pre, sae.W_enc, sae.b_enc)
+    top = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+    recons = z @ sae.W_dec.T + sae.b_pre
+    main = ((recons - x) ** 2).mean() * mse_scale
+    aux_top = pre.masked_fill(~dead, float("-inf")).topk(min(auxk, int(dead.sum())), dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, aux_top.indices, F.relu(aux_top.values))
+    residual = x - recons.detach()
+    aux = ((z_aux @ sae.W_dec.T - residual) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
+    return main + coef * aux, aux
+
+
+def test_sparse_step_matches_dense_autograd():
+    """Loss and every gradient of the sparse step (gathered encoder backward, sparse decode) equal dense autograd."""
+    sae, ref = small_sae(seed=2).double(), small_sae(seed=2).double()
+    x = layernorm_unbiased(torch.randn(48, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).x
+    cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4, "auxk": 5, "dead_tokens": 40})
+    tracker = st.DeadTracker(64, torch.device("cpu"))
+    tracker.since_L[::3] = 100  # 22 latents silent for long: dead unless they fire in this batch
+    losses = st.sae_losses(sae, x, tracker, cfg, 0.7)
+    dead = tracker.dead(cfg.dead_tokens)
+    assert cfg.auxk < int(dead.sum()) < 64  # AuxK picks among the dead, not all of them
+    ref_loss, ref_aux = dense_reference_losses(ref, x, dead, cfg.auxk, cfg.auxk_coef, 0.7)
+    torch.testing.assert_close(losses.loss, ref_loss)
+    torch.testing.assert_close(losses.auxk, ref_aux)
+    losses.loss.backward()
+    ref_loss.backward()
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_no_dead_latents_no_auxk():
+    sae = small_sae(seed=3)
+    x = layernorm_unbiased(torch.randn(32, 16)).x
+    cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4})
+    losses = st.sae_losses(sae, x, st.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
+    assert losses.auxk.item() == 0.0
+    torch.testing.assert_close(losses.loss, losses.main)
 
 
 def test_auxk_gradient_reaches_dead_latents():
