@@ -127,10 +127,13 @@ def resumed_model(plan: RunPlan, ckpt: Path, inputs: TrainInputs):
     return model
 
 
-def quiet_loss_type(model) -> None:
-    """HF 5 cannot map ``GPT2LMHeadModel`` to its loss and warns on the first forward; name it."""
+def prepare_for_accelerate(model) -> None:
+    """Small fixes before ``prepare``: name the HF loss (HF 5 cannot map ``GPT2LMHeadModel`` to
+    one and warns), and tell FSDP's transformer wrap policy which module is a block."""
     if getattr(model, "loss_type", "") is None:
         model.loss_type = "ForCausalLM"
+    if not getattr(model, "_no_split_modules", None):
+        model._no_split_modules = [type(model.transformer.h[0]).__name__]
 
 
 def make_stream(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
@@ -169,7 +172,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
     model = resumed_model(plan, ckpt, inputs) if ckpt else new_model(cfg, plan, inputs)
-    quiet_loss_type(model)
+    prepare_for_accelerate(model)
     record = run_record(cfg, plan, model, inputs)
     announce(acc, out, record, ckpt)
     optimizer = make_optimizer(model, plan.lr, on_cuda=acc.device.type == "cuda")
