@@ -104,7 +104,7 @@ def train_step(model, opt, batch, device: str) -> None:
     inputs = dict(input_ids=batch["input_ids"], labels=batch["input_ids"])
     if hasattr(model, "concept"):
         inputs["concept_ids"] = batch["concept_ids"]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         loss = model(**inputs).loss
     loss.backward()
     opt.step()
@@ -117,8 +117,8 @@ def time_variants(models, batch, device: str, rounds: int, steps: int) -> dict[s
     On CPU the clock is this process's CPU time (``time.process_time``): the benchmark machine's
     cores are shared, and wall time there measures the neighbours as much as the model.
     """
-    clock = time.perf_counter if device == "cuda" else time.process_time
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=device.startswith("cuda"))
             for n, m in models.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     for n in models:  # warm-up (allocator, kernels, optimizer state)
@@ -136,7 +136,7 @@ def time_variants(models, batch, device: str, rounds: int, steps: int) -> dict[s
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -156,7 +156,7 @@ def train_flops_per_token(name: str, shapes: Shapes) -> float:
 
 
 def peak_flops(device: str) -> float | None:
-    if device != "cuda":
+    if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name()
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -218,7 +218,7 @@ def write_synthetic_targets(out: Path, shapes: Shapes, n_tokens: int = 1 << 21) 
 
 def report(rows: list[dict], loader: dict | None, shapes: Shapes, device: str) -> None:
     p = shapes.preset
-    print(f"\nshapes: cocomix d {p.cocomix_d} / ntp d {p.ntp_d} (matched), {p.n_layer} layers, {p.n_head} heads, "
+    print(f"\nshapes: cocomix d {p.cocomix_d} / ntp d {p.ntp_d} ({'matched' if shapes.match else 'preset'}), {p.n_layer} layers, {p.n_head} heads, "
           f"insert {p.insert_layer}, vocab {shapes.vocab}, latents {shapes.n_latents}, k_concept {p.k_concept}, "
           f"micro-batch {p.micro_batch} x context {p.context}, device {device}")
     print("| variant | total params | active params | step (ms) | tokens/s | MFU | step / NTP |")
@@ -242,26 +242,36 @@ def report(rows: list[dict], loader: dict | None, shapes: Shapes, device: str) -
           f"{loader['tok_s'] / EST_69M_TOK_S:.1f}x")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="bigger CPU shapes, more rounds")
     ap.add_argument("--gpu-shapes", action="store_true", help="69m preset shapes on CUDA (bf16, MFU)")
+    ap.add_argument("--device", default=None, help="override the device (e.g. a CPU smoke run of --gpu-shapes)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="override the windows per step")
+    ap.add_argument("--context", type=int, default=None, help="override the window length")
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 5 CPU, 10 GPU)")
     ap.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 1 CPU, 5 GPU)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable CPU-time figures)")
     ap.add_argument("--no-loader", action="store_true", help="skip the data-loader measurement")
-    args = ap.parse_args()
-    device = "cuda" if args.gpu_shapes else "cpu"
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device or ("cuda" if args.gpu_shapes else "cpu")
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.gpu_shapes and not torch.cuda.is_available():
-        raise SystemExit("--gpu-shapes needs a CUDA device")
-    shapes = gpu_shapes() if args.gpu_shapes else cpu_shapes(args.full)
-    rounds = args.rounds or (10 if args.gpu_shapes else (7 if args.full else 5))
-    steps = args.steps or (5 if args.gpu_shapes else 1)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
-    if args.gpu_shapes:
+    elif not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} needs CUDA; none is available here")
+    else:
         torch.backends.cuda.matmul.allow_tf32 = True
+    shapes = gpu_shapes() if args.gpu_shapes else cpu_shapes(args.full)
+    shapes.preset = dataclasses.replace(shapes.preset, micro_batch=args.micro_batch or shapes.preset.micro_batch,
+                                        context=args.context or shapes.preset.context)
+    rounds = args.rounds or (10 if device.startswith("cuda") else (7 if args.full else 5))
+    steps = args.steps or (5 if device.startswith("cuda") else 1)
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU"
+    print(f"torch {torch.__version__}, {platform.machine()}, CPU threads {torch.get_num_threads()}, {gpu}")
     rows = bench_models(shapes, device, rounds, steps)
     loader = None if args.no_loader else bench_loader(gpu_shapes(), n_steps=50)  # the 69m batch: 16 x 1024
     report(rows, loader, shapes, device)
