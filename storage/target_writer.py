@@ -203,6 +203,8 @@ class TargetWriter:
             **self._plan_record(), "format": FORMAT, "n_latents": (self.meta.get("sae") or {}).get("n_latents"),
             "splits": lengths, "shards": shards, "extra": _jsonable(extra or {}),
         }
+        for stale in self.out.glob("*/.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by killed writers; every shard is final by now
         atomic_write_json(self.out / MANIFEST, manifest)
         log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
         return self.out / MANIFEST

@@ -142,11 +142,13 @@ def test_no_manifest_is_incomplete_and_finalize_needs_every_shard(tmp_path, stor
             w.finalize()
     with pytest.raises(IntegrityError, match="run the extract again"):
         TargetReader.open(tmp_path / "t")
+    (tmp_path / "t" / "train" / ".shard-00003.arrow.999999.tmp").write_bytes(b"half a shard from a killed writer")
     with open_writer(tmp_path / "t", store, plan) as w:
         assert w.pending() == plan[2:]
         write_all(w, store)
         w.finalize()
     TargetReader.open(tmp_path / "t", verify=True)
+    assert not list((tmp_path / "t").glob("*/.*.tmp"))
 
 
 def test_pending_partitions_by_rank(tmp_path, store, plan):

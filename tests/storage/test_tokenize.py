@@ -120,3 +120,29 @@ def test_max_docs_and_rerun_is_noop(tmp_path, corpus_dir, tokenizer_dir):
 def test_token_dtype_by_vocab():
     assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+
+
+def test_buffers_stay_below_one_file_block(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    from cocomix.storage.store_writer import StoreWriter
+
+    seen = []
+    flush = StoreWriter.flush
+
+    def recording(self, final=False):
+        flush(self, final)
+        seen.extend(buf.n_buffered for buf in self.buffers.values())
+
+    monkeypatch.setattr(StoreWriter, "flush", recording)
+    tokenize(corpus_dir, tokenizer_dir, tmp_path / "s", chunk_tokens=16, shard_tokens=64, batch_size=5)
+    assert seen and max(seen) < 64, "memory must be bounded by one shard, whatever the corpus size"
+
+
+def test_no_val_split(tmp_path, corpus_dir, tokenizer_dir):
+    from cocomix.storage.verify import verify_token_store
+
+    tokenize(corpus_dir, tokenizer_dir, tmp_path / "s", val_fraction=0.0)
+    store = TokenStore.open(tmp_path / "s")
+    assert store.split("val").n_docs == 0 and len(store.split("val")) == 0
+    assert store.split("train").n_docs == 60
+    np.testing.assert_array_equal(store.split("val").doc_offsets(), [0])
+    verify_token_store(tmp_path / "s")
