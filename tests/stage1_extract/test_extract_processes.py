@@ -1,0 +1,83 @@
+"""``cocomix extract`` as real processes: SIGKILL + resume, and two ranks under torchrun (gloo)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cocomix.stage1_extract.config import ExtractConfig
+from cocomix.stage1_extract.extract import run_extract
+from cocomix.storage.targets import TargetReader
+
+ARGS = ["--layer", "1", "--device", "cpu"]
+
+
+def cli_args(token_store, teacher_dir, sae, out, *extra) -> list[str]:
+    return ["extract", "--tokens", str(token_store), "--teacher", str(teacher_dir), "--sae", str(sae),
+            "--out", str(out), *ARGS, *extra]
+
+
+def reference(tmp_path_factory, token_store, teacher_dir, sae, **kw) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "t"
+    kw = {"window": 128, **kw}
+    run_extract(ExtractConfig(tokens=str(token_store), teacher=str(teacher_dir), sae=str(sae), out=str(out),
+                              layer=1, device="cpu", **kw))
+    return out
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/shard-*.arrow"))}
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
+    flags = ["--windows-per-shard", "1", "--batch-size", "1", "--splits", "val", "--window", "32"]
+    out = tmp_path / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("val/shard-*.arrow")):
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = len(list(out.glob("val/shard-*.json")))  # a shard counts once its sidecar is written
+    rerun = subprocess.run([sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)],
+                           env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = TargetReader.open(out, verify=True).manifest
+    assert manifest["extra"]["shards_computed"] == manifest["extra"]["shards_total"] - done_before > 0
+    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=1, batch_size=1, splits="val", window=32)
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_two_ranks_under_torchrun_equal_one_process(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
+    """Same bytes as one process with the same threads per process (CPU BLAS results for small
+    matmuls depend on the thread count; torchrun runs each rank with OMP_NUM_THREADS=1)."""
+    import torch
+
+    flags = ["--window", "128", "--windows-per-shard", "2", "--batch-size", "2"]
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)]
+    run = subprocess.run(cmd, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reader = TargetReader.open(out, verify=True)
+    assert reader.manifest["extra"]["world_size"] == 2
+    assert reader.manifest["extra"]["shards_computed"] == reader.manifest["extra"]["shards_total"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=2, batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert shard_bytes(out) == shard_bytes(ref)
