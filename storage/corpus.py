@@ -207,11 +207,23 @@ def _hub_size(name: str) -> int | None:
         return None
 
 
-def _hub_docs(name: str, text_field: str, skip: int) -> Iterator[str]:
+def _open_hub(name: str):
+    """Stream the train split; datasets that still ship a loading script (which ``datasets`` >= 4
+    refuses) are read from the hub's automatic Parquet conversion instead."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
+        return datasets.load_dataset(name, split="train", streaming=True)
+    except RuntimeError as err:
+        if "scripts are no longer supported" not in str(err):
+            raise
+        log.info("%s ships a loading script; streaming its Parquet conversion (refs/convert/parquet)", name)
+        return datasets.load_dataset(name, split="train", streaming=True, revision="refs/convert/parquet")
+
+
+def _hub_docs(name: str, text_field: str, skip: int) -> Iterator[str]:
+    try:
+        ds = _open_hub(name)
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
         raise CocomixError(
             f"could not load hub dataset {name!r} ({type(err).__name__}: {str(err)[:200]}); "
