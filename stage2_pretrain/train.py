@@ -12,6 +12,7 @@ weighted by its share of the global batch's valid label slots (an all-reduced co
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -204,6 +205,7 @@ def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
     if record["targets"]:
         meta = record["targets"]["meta"]
         log.info("targets %s: teacher %s, SAE %s", record["targets"]["path"], meta.get("teacher"), meta.get("sae"))
+    log.info("config %s", json.dumps(record["config"], sort_keys=True))
     log.info("run folder %s%s", out, f" (resuming from {ckpt.name})" if ckpt else "")
 
 

@@ -119,3 +119,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
 def test_unknown_or_missing_tracker_names_the_flag(tmp_path, token_store):
     with pytest.raises(ConfigError, match="--tracker"):
         pretrain(tmp_path / "run", token_store, tracker="mlflowish")
+
+
+def test_workspace_defaults_pick_what_extract_wrote(tmp_path, token_store, make_targets):
+    """Only --size (and a workspace): targets = the workspace's only folder, tokens = their twin store."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(token_store, ws / "tokens" / "corpus")
+    shutil.copytree(token_store, ws / "tokens" / "other")  # a second store must not confuse the choice
+    make_targets(ws / "tokens" / "corpus", ws / "targets" / "corpus")
+    res = run_pretrain(PretrainConfig(size="tiny", workspace=str(ws), max_steps=1, batch_tokens=512, eval_every=0))
+    run = json.loads((res.out / "run.json").read_text())
+    assert res.out == ws / "runs" / "cocomix-tiny" and run["plan"]["method"] == "cocomix"
+    assert run["tokens"]["path"] == str(ws / "tokens" / "corpus") and run["targets"]["path"] == str(ws / "targets" / "corpus")
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, token_store):
+    pytest.importorskip("tensorboard")
+    res = pretrain(tmp_path / "run", token_store, max_steps=2, tracker="tensorboard", save_every=0)
+    assert list((res.out / "trackers").rglob("events.out.tfevents.*"))
