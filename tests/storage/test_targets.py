@@ -232,3 +232,42 @@ def test_manifest_records_provenance_and_shards(finished, plan):
     assert [s["path"] for s in manifest["shards"]] == [p.relpath for p in plan]
     assert all(len(s["sha256"]) == 64 and s["rows"] == s["end"] - s["start"] for s in manifest["shards"])
     assert manifest["meta"]["sae"]["n_latents"] == N_LATENTS and manifest["extra"] == {"note": "test"}
+
+
+KILL_MID_SHARD = r"""
+import json, os, signal, sys
+import numpy as np
+from cocomix.storage import target_writer
+from cocomix.storage.targets import ShardSpec, TargetWriter
+
+rec = json.load(open(sys.argv[1] + "/plan.json"))
+w = TargetWriter(sys.argv[1], meta=rec["meta"], plan=[ShardSpec(**s) for s in rec["shards"]], k_attr=rec["k_attr"],
+                 id_dtype=rec["dtypes"]["id"], score_dtype=rec["dtypes"]["score"], token_dtype=rec["dtypes"]["token"])
+calls = [0]
+sidecar = target_writer.atomic_write_json
+def dying(path, obj):
+    calls[0] += 1
+    if calls[0] == 2:  # the second shard is renamed into place, its sidecar never written
+        os.kill(os.getpid(), signal.SIGKILL)
+    sidecar(path, obj)
+target_writer.atomic_write_json = dying
+for spec in w.pending():
+    n = spec.rows
+    w.write_shard(spec, np.zeros(n, np.uint16), np.zeros((n, rec["k_attr"]), np.uint16), np.zeros((n, rec["k_attr"])))
+"""
+
+
+def test_writer_killed_mid_shard_leaves_nothing_accepted(tmp_path, store, plan):
+    out = tmp_path / "t"
+    open_writer(out, store, plan).__exit__(None, None, None)
+    child = subprocess.run([sys.executable, "-c", KILL_MID_SHARD, str(out)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == -9, child.stderr
+    assert (out / plan[1].relpath).exists() and not (out / plan[1].relpath).with_suffix(".json").exists()
+    with pytest.raises(IntegrityError, match="incomplete"):
+        TargetReader.open(out)
+    with open_writer(out, store, plan) as w:
+        assert w.is_done(plan[0]) and not w.is_done(plan[1])
+        assert w.pending() == plan[1:]
+        write_all(w, store)
+        w.finalize()
+    TargetReader.open(out, verify=True)
