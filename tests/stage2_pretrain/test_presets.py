@@ -97,7 +97,11 @@ def test_match_ntp_width_finds_the_closest_multiple_of_n_head():
         other_count = count_on_meta("ntp", dataclasses.replace(p, ntp_d=other), vocab_size=384)
         assert abs(other_count.active - match.cocomix.active) >= gap
     assert match.ratio == match.ntp.active / match.cocomix.active
-    assert p.ntp_d == match.preset.ntp_d  # the tiny preset's default is this match
+
+
+def test_tiny_ntp_width_is_matched_for_the_quickstart_defaults():
+    p = get_preset("tiny")
+    assert match_ntp_width(p, vocab_size=4096, n_latents=1024).preset.ntp_d == p.ntp_d
 
 
 def test_match_ntp_width_reproduces_the_paper_69m_width_closely():
