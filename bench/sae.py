@@ -8,8 +8,10 @@ Variants, all on the same random weights and inputs, timed round-robin (medians)
 * decode: ``TopKSAE.decode_normalized`` (``embedding_bag`` over the column-major ``W_dec``),
   the same on a row-major ``W_dec`` (what a plain ``nn.Linear``-layout decoder gives), and
   OpenAI ``model.py``'s dense decode (scatter into ``[N, L]``, ``decoder(z)``).
-* train step: ``sae_train.train_step`` (sparse decode, AuxK, projected decoder gradient, Adam)
-  vs the same recipe with dense latents and a dense decoder (OpenAI ``model.py`` arithmetic).
+* train step: ``sae_train.train_step`` (encoder gradient through the selected latents only,
+  sparse decode, AuxK, projected decoder gradient, Adam) vs the same recipe with dense
+  latents, dense autograd and a dense decoder (OpenAI ``model.py`` arithmetic). Every latent
+  is dead, so AuxK (256 latents) runs in both.
 """
 from __future__ import annotations
 
@@ -30,15 +32,18 @@ from cocomix.stage1_extract.sae import layernorm_unbiased
 D, L, K = 768, 32768, 32
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each variant; one warm-up call each, then rounds of one call per variant
+    (round-robin, so load drift on a shared machine hits all variants alike)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_sae(x_ND: torch.Tensor) -> st.TopKSAE:
@@ -58,9 +63,8 @@ def bench_decode(sae, x_ND, reps: int) -> dict[str, float]:
 
     torch.testing.assert_close(sae.decode_normalized(enc.top_idx, enc.top_val), dense(), atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        return {"sparse (column-major W_dec)": timed(lambda: sae.decode_normalized(enc.top_idx, enc.top_val), reps),
-                "sparse (row-major W_dec)": timed(row_major, reps),
-                "dense (scatter + matmul)": timed(dense, reps)}
+        return timed({"sparse (column-major W_dec)": lambda: sae.decode_normalized(enc.top_idx, enc.top_val),
+                      "sparse (row-major W_dec)": row_major, "dense (scatter + matmul)": dense}, reps)
 
 
 def dense_step(sae, opt, x_ND, cfg, mse_scale) -> None:
@@ -87,14 +91,14 @@ def bench_step(x_ND, reps: int) -> dict[str, float]:
     opt_plain = torch.optim.Adam(plain.parameters(), lr=cfg.lr, eps=st.ADAM_EPS)
     tracker = st.DeadTracker(L, torch.device("cpu"))
     tracker.since_L += 10  # every latent dead: AuxK always on, as in the dense variant
-    return {"train_step (sparse decode)": timed(lambda: st.train_step(ours, opt_ours, x_ND, tracker, cfg, 1.0), reps),
-            "dense step (OpenAI model.py arithmetic)": timed(lambda: dense_step(plain, opt_plain, x_ND, cfg, 1.0), reps)}
+    return timed({"train_step (sparse grads, sparse decode)": lambda: st.train_step(ours, opt_ours, x_ND, tracker, cfg, 1.0),
+                  "dense step (OpenAI model.py arithmetic)": lambda: dense_step(plain, opt_plain, x_ND, cfg, 1.0)}, reps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="4096 tokens per batch instead of 1024")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
     n = 4096 if args.full else 1024
     torch.manual_seed(0)
