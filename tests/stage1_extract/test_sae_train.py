@@ -279,3 +279,15 @@ def test_shuffled_batches_is_a_bounded_permutation():
     assert len(rows.unique()) == len(rows)  # no row twice
     assert not torch.equal(rows, rows.sort().values)  # mixed
     assert (rows[:64] < 256 + 50).all()  # the first batch could only come from the first buffer fill
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    sae = small_sae()
+    x = torch.randn(32, 16)
+    x[3, 5] = float("nan")
+    cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4})
+    opt = torch.optim.Adam(sae.parameters())
+    before = sae.W_enc.detach().clone()
+    with pytest.raises(CocomixError, match="non-finite SAE loss"):
+        st.train_step(sae, opt, x, st.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
+    assert torch.equal(sae.W_enc, before)  # no step was taken on the bad batch
