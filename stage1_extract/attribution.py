@@ -35,8 +35,8 @@ from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher, embed, run_blocks
 
 HEAD_CHUNK_TOKENS = 8192  #: rows of logits ([rows, V] fp32) alive at once in the chunked head
-GATHER_CHUNK_TOKENS = 4096  #: tokens per gather of decoder columns ([rows, K, D])
-DENSE_CHUNK_TOKENS = 1024  #: tokens per dense [rows, L] product (``--attribution-input pre``)
+GATHER_CHUNK_TOKENS = 4096  #: tokens per gather of decoder columns ([rows, K, D]) on GPU (64 on CPU)
+ENCODE_CHUNK_TOKENS = 2048  #: tokens per SAE encode ([rows, L] pre-activations; also the dense ``pre`` product)
 
 
 @dataclass(frozen=True)
@@ -115,26 +115,41 @@ def loss_and_grad(teacher: Teacher, h_BTD: torch.Tensor, mask, pos, ids_BT: torc
     return loss_B, g_BTD.float()
 
 
-def active_scores(g_NTD: torch.Tensor, W_dec_DL: torch.Tensor, idx_NK: torch.Tensor, val_NK: torch.Tensor) -> torch.Tensor:
-    """``(g . W_dec[:, idx]) * val`` for the K active latents of each row: [N, K], by gather."""
-    W_LD = W_dec_DL.t()
-    out = []
-    for s in range(0, g_NTD.shape[0], GATHER_CHUNK_TOKENS):
-        cols_NKD = W_LD[idx_NK[s:s + GATHER_CHUNK_TOKENS]]  # [n, K, D] gathered decoder columns
-        dots_NK = torch.bmm(cols_NKD, g_NTD[s:s + GATHER_CHUNK_TOKENS].unsqueeze(-1)).squeeze(-1)
-        out.append(dots_NK * val_NK[s:s + GATHER_CHUNK_TOKENS])
-    return torch.cat(out)
+def gather_chunk_tokens(device: torch.device) -> int:
+    """Rows per gather: cache-sized on CPU (the gathered [n, K, D] block stays in L2), large on GPU."""
+    return GATHER_CHUNK_TOKENS if device.type == "cuda" else min(GATHER_CHUNK_TOKENS, 64)
+
+
+def decoder_rows(sae: TopKSAE) -> torch.Tensor:
+    """``W_dec`` as contiguous rows [L, D] (one row per latent), cached on the SAE while its weights are unchanged."""
+    key = (sae.W_dec.data_ptr(), sae.W_dec._version, sae.W_dec.device)
+    cached = getattr(sae, "_cocomix_rows_LD", None)
+    if cached is None or cached[0] != key:
+        cached = (key, sae.W_dec.detach().t().contiguous())
+        sae._cocomix_rows_LD = cached
+    return cached[1]
+
+
+def active_scores(g_ND: torch.Tensor, W_LD: torch.Tensor, idx_NK: torch.Tensor, val_NK: torch.Tensor,
+                  chunk: int = GATHER_CHUNK_TOKENS) -> torch.Tensor:
+    """``(g . W_dec[:, idx]) * val`` for the K active latents of each row: [N, K], by gather.
+
+    ``W_LD`` holds the decoder columns as rows. Each chunk gathers its [n, K, D] columns
+    and takes the K dot products with one batched matmul; nothing of size [N, L] exists.
+    """
+    N, K = idx_NK.shape
+    out_NK = torch.empty(N, K, dtype=g_ND.dtype, device=g_ND.device)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        cols_nKD = W_LD.index_select(0, idx_NK[s:e].reshape(-1)).view(e - s, K, -1)
+        dots_nK = torch.bmm(cols_nKD, g_ND[s:e].unsqueeze(-1)).squeeze(-1)
+        out_NK[s:e] = dots_nK * val_NK[s:e]
+    return out_NK
 
 
 def dense_pre_scores(g_ND: torch.Tensor, W_dec_DL: torch.Tensor, pre_NL: torch.Tensor, k_attr: int):
     """Paper Eq. 1: ``(g @ W_dec) * pre`` over all latents, top ``k_attr``: ([N, A] scores, [N, A] ids)."""
-    vals, ids = [], []
-    for s in range(0, g_ND.shape[0], DENSE_CHUNK_TOKENS):
-        dense_NL = (g_ND[s:s + DENSE_CHUNK_TOKENS] @ W_dec_DL) * pre_NL[s:s + DENSE_CHUNK_TOKENS]
-        v, i = dense_NL.topk(k_attr, dim=-1)
-        vals.append(v)
-        ids.append(i)
-    return torch.cat(vals), torch.cat(ids)
+    return ((g_ND @ W_dec_DL) * pre_NL).topk(k_attr, dim=-1)
 
 
 def keep_positive(scores_NC: torch.Tensor, ids_NC: torch.Tensor, k_attr: int, ignore_id: int):
@@ -155,25 +170,37 @@ def label_batch(teacher: Teacher, sae: TopKSAE, ids_BT: torch.Tensor, spec: Attr
     B, T = ids_BT.shape
     h_BTD, mask, pos = hidden_below(teacher, ids_BT, spec)
     h_finite_B = torch.isfinite(h_BTD).flatten(1).all(1)
-    with torch.no_grad():
-        enc = sae.encode(h_BTD, dense=spec.attribution_input == "pre" and spec.selection == "attribution")
     if spec.selection == "activation":
-        loss_B = h_BTD.new_zeros(B)
-        scores_NC, ids_NC = enc.top_val.flatten(0, 1), enc.top_idx.flatten(0, 1)
+        loss_B, g_ND = h_BTD.new_zeros(B), None
     else:
         loss_B, g_BTD = loss_and_grad(teacher, h_BTD, mask, pos, ids_BT, spec)
-        scores_NC, ids_NC = _attribution_scores(sae, g_BTD, enc, spec)
-    scores_NA, ids_NA = keep_positive(scores_NC, ids_NC, spec.k_attr, spec.ignore_id)
+        g_ND = g_BTD.flatten(0, 1)
+    with torch.no_grad():
+        scores_NA, ids_NA = select_labels(sae, h_BTD.flatten(0, 1), g_ND, spec)
     finite_B = h_finite_B & torch.isfinite(loss_B)
     return WindowLabels(ids_NA.view(B, T, -1), scores_NA.view(B, T, -1).float(), loss_B, finite_B)
 
 
-def _attribution_scores(sae: TopKSAE, g_BTD: torch.Tensor, enc, spec: AttributionSpec):
-    """Candidate (scores, ids) per token: the K active latents (post) or the dense top ``k_attr`` (pre)."""
-    g_ND = g_BTD.flatten(0, 1)
-    W_dec_DL = sae.W_dec.detach()
-    with torch.no_grad():
-        if spec.attribution_input == "pre":
-            return dense_pre_scores(g_ND, W_dec_DL, enc.pre.flatten(0, 1), spec.k_attr)
-        idx_NK, val_NK = enc.top_idx.flatten(0, 1), enc.top_val.flatten(0, 1)
-        return active_scores(g_ND, W_dec_DL, idx_NK, val_NK), idx_NK
+def select_labels(sae: TopKSAE, h_ND: torch.Tensor, g_ND: torch.Tensor | None, spec: AttributionSpec):
+    """SAE encode and label choice, ``ENCODE_CHUNK_TOKENS`` rows at a time (bounds the [n, L] pre-activations)."""
+    N, A = h_ND.shape[0], spec.k_attr
+    scores_NA = torch.empty(N, A, dtype=torch.float32, device=h_ND.device)
+    ids_NA = torch.empty(N, A, dtype=torch.int64, device=h_ND.device)
+    for s in range(0, N, ENCODE_CHUNK_TOKENS):
+        e = min(N, s + ENCODE_CHUNK_TOKENS)
+        g_nD = None if g_ND is None else g_ND[s:e]
+        scores_nC, ids_nC = _candidates(sae, h_ND[s:e], g_nD, spec)
+        scores_NA[s:e], ids_NA[s:e] = keep_positive(scores_nC.float(), ids_nC, A, spec.ignore_id)
+    return scores_NA, ids_NA
+
+
+def _candidates(sae: TopKSAE, h_nD: torch.Tensor, g_nD: torch.Tensor | None, spec: AttributionSpec):
+    """Candidate (scores, ids) per token: activations, the K active latents' attributions, or the dense top ``k_attr`` (pre)."""
+    pre_mode = g_nD is not None and spec.attribution_input == "pre"
+    enc = sae.encode(h_nD, dense=pre_mode)
+    if g_nD is None:
+        return enc.top_val, enc.top_idx
+    if pre_mode:
+        return dense_pre_scores(g_nD, sae.W_dec.detach(), enc.pre, spec.k_attr)
+    chunk = gather_chunk_tokens(g_nD.device)
+    return active_scores(g_nD, decoder_rows(sae), enc.top_idx, enc.top_val, chunk), enc.top_idx

@@ -154,6 +154,7 @@ def test_chunked_head_equals_unchunked(teacher, sae, monkeypatch):
     whole = label_batch(teacher, sae, ids, spec)
     monkeypatch.setattr(attr, "HEAD_CHUNK_TOKENS", 14)  # 7 rows per chunk at B = 2
     monkeypatch.setattr(attr, "GATHER_CHUNK_TOKENS", 9)
+    monkeypatch.setattr(attr, "ENCODE_CHUNK_TOKENS", 23)
     chunked = label_batch(teacher, sae, ids, spec)
     torch.testing.assert_close(chunked.loss_B, whole.loss_B)
     assert torch.equal(chunked.ids_BTA, whole.ids_BTA)

@@ -1,0 +1,183 @@
+"""Stage-1 throughput: this extractor vs the official online extractor vs a bare teacher forward.
+
+Runs in one process on the same random teacher, SAE and windows:
+
+  (a) ours      ``attribution.label_batch``: no-grad lower blocks, input-only backward through
+                the upper blocks and a chunked head, k gathered dot products per token
+  (b) official  what RAM ``concept_extractor.py`` does: full forward, ``loss.backward()`` with
+                gradients for every parameter, dense ``(grad @ W_dec) * latents`` over all
+                latents, ``topk`` (fp32, as the official extractor runs outside autocast)
+  (c) forward   ``model(ids)`` under ``no_grad`` (same dtype as (a)): the floor
+
+and prints tokens/s, the ratios a/b (goal >= 2 on CPU, >= 4 on GPU) and a/c (goal >= 0.5),
+label agreement of (a) and (b) on slots with a positive score, and MFU on CUDA.
+
+    python bench/extract.py                 # scaled-down GPT-2 shapes on CPU (fast)
+    python bench/extract.py --full          # more windows, wider model (CPU)
+    python bench/extract.py --gpu-shapes    # GPT-2 small: d 768, 12 layers, 32768 latents, window 1024
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
+from cocomix.stage1_extract.sae import TopKSAE, scatter_latents
+from cocomix.stage1_extract.teacher import Teacher
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+@dataclass
+class Shapes:
+    d: int
+    n_layer: int
+    n_head: int
+    vocab: int
+    latents: int
+    k: int
+    window: int
+    batch: int
+    layer: int
+    batches: int
+
+
+CPU = Shapes(d=256, n_layer=6, n_head=4, vocab=8192, latents=4096, k=32, window=256, batch=4, layer=2, batches=3)
+CPU_FULL = Shapes(d=512, n_layer=8, n_head=8, vocab=16384, latents=8192, k=32, window=512, batch=4, layer=3, batches=4)
+GPU = Shapes(d=768, n_layer=12, n_head=12, vocab=50257, latents=32768, k=32, window=1024, batch=8, layer=5, batches=10)
+
+
+def build(shapes: Shapes, device: torch.device) -> tuple[Teacher, TopKSAE]:
+    """A random GPT-2 (stock HF module) and a random TopK SAE (unit-norm decoder, tied encoder)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=shapes.vocab, n_positions=max(1024, shapes.window), n_embd=shapes.d,
+                     n_layer=shapes.n_layer, n_head=shapes.n_head)
+    model = GPT2LMHeadModel(cfg).eval().requires_grad_(False).to(device)
+    sae = TopKSAE(shapes.d, shapes.latents, shapes.k, normalize=True)
+    with torch.no_grad():
+        dec = torch.randn(shapes.d, shapes.latents)
+        sae.W_dec.copy_(dec / dec.norm(dim=0, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_enc.normal_(0, 0.1)
+    return Teacher(model=model, tokenizer=None, info={}), sae.requires_grad_(False).to(device)
+
+
+def official_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: int) -> torch.Tensor:
+    """RAM concept_extractor: forward, loss.backward() with parameter grads, dense attribution, topk."""
+    cache = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        cache["x"] = output
+
+    handle = model.transformer.h[layer].register_forward_hook(hook)
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    loss.backward()  # gradients for every parameter, never zeroed (as the official code)
+    handle.remove()
+    x, grad_x = cache["x"].detach(), cache["x"].grad
+    with torch.no_grad():
+        enc = sae.encode(x)
+        latents = scatter_latents(enc.top_idx, enc.top_val, sae.n_latents)
+        attribute = torch.matmul(grad_x, sae.W_dec) * latents
+        return torch.topk(attribute, k_attr, dim=-1)
+
+
+def timed(fn: Callable[[torch.Tensor], object], batches: list[torch.Tensor], device: torch.device) -> float:
+    """tokens/s of ``fn`` over ``batches`` after one warm-up call."""
+    fn(batches[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for ids in batches:
+        fn(ids)
+    sync(device)
+    return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_token(s: Shapes, ours: bool) -> float:
+    """Model FLOPs per token: forward = 2 * (12 d^2 L + d V + causal attention); ours adds the
+    input-only backward of the upper blocks and the head (~1x their forward)."""
+    block = 2 * (12 * s.d * s.d + s.window * s.d)  # weights + causal attention (T/2 * 2 matmuls)
+    head = 2 * s.d * s.vocab
+    fwd = s.n_layer * block + head
+    return fwd + ((s.n_layer - s.layer - 1) * block + head if ours else 0)
+
+
+def agreement(ours, official) -> float:
+    """Share of slots with a positive official score where (a) has the same latent."""
+    vals, idx = official
+    valid = vals > 0
+    return float((ours.ids_BTA[valid] == idx[valid]).float().mean()) if valid.any() else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="bigger CPU shapes and more windows")
+    ap.add_argument("--gpu-shapes", action="store_true", help="GPT-2 small shapes (use on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batches", type=int, default=None, help="timed batches per method")
+    args = ap.parse_args()
+    shapes = GPU if args.gpu_shapes else CPU_FULL if args.full else CPU
+    if args.batches:
+        shapes.batches = args.batches
+    device = torch.device(args.device)
+    run(shapes, device)
+
+
+def run(shapes: Shapes, device: torch.device) -> None:
+    teacher, sae = build(shapes, device)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
+               for _ in range(shapes.batches)]
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4, autocast_dtype=autocast)
+    official_model = copy.deepcopy(teacher.model).requires_grad_(True)
+
+    def forward_only(ids):
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            return teacher.model(ids).logits
+
+    rates, peaks = {}, {}
+    for name, fn in [("a_ours", lambda ids: label_batch(teacher, sae, ids, spec)),
+                     ("b_official", lambda ids: official_step(official_model, sae, ids, shapes.layer, 4)),
+                     ("c_forward", forward_only)]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rates[name] = timed(fn, batches, device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    agree = agreement(label_batch(teacher, sae, batches[0], AttributionSpec(layer=shapes.layer, k_attr=4)),
+                      official_step(official_model, sae, batches[0], shapes.layer, 4))
+    report(shapes, device, rates, peaks, agree)
+
+
+def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree: float) -> None:
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} threads); shapes {shapes}")
+    for name, rate in rates.items():
+        line = f"  {name:<11} {rate:>12,.0f} tokens/s"
+        if device.type == "cuda":
+            line += f"   peak {peaks[name]:.1f} GiB"
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+            if peak and name != "b_official":
+                line += f"   MFU {rate * flops_per_token(shapes, name == 'a_ours') / peak:.1%}"
+        print(line)
+    print(f"  a/b = {rates['a_ours'] / rates['b_official']:.2f}   (goal >= {4 if device.type == 'cuda' else 2})")
+    print(f"  a/c = {rates['a_ours'] / rates['c_forward']:.2f}   (goal >= 0.5)")
+    print(f"  label agreement of (a) with (b) on positive-score slots (fp32): {agree:.4f}")
+
+
+if __name__ == "__main__":
+    main()
