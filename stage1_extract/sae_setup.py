@@ -56,4 +56,7 @@ def open_inputs(cfg: SaeTrainConfig) -> SaeInputs:
     if held_out is train:
         log.warning("token store %s has no usable `val` split: FVU is measured on training tokens", store.path)
     log.info("sae train: teacher %s layer %d, %s train tokens", cfg.teacher, cfg.layer, f"{len(train):,}")
+    if cfg.train_tokens > len(train):
+        log.warning("--train-tokens %s is %.1fx the train split: each token is seen about that many times",
+                    f"{cfg.train_tokens:,}", cfg.train_tokens / len(train))
     return SaeInputs(teacher, store, train, held_out, cfg)

@@ -31,6 +31,7 @@ from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.sae_grad import gathered_pre_activations
 from cocomix.stage1_extract.sae_io import COCOMIX_WEIGHTS, save_sae
 from cocomix.stage1_extract.sae_progress import SaeTrainProgress, print_summary
+from cocomix.stage1_extract.sae_setup import open_inputs
 from cocomix.stage1_extract.sae_stream import collect, normalized_activations, shuffled_batches, window_batches
 from cocomix.storage.files import sha256_file
 
@@ -222,8 +223,6 @@ def prepare_out(cfg: SaeTrainConfig) -> Path:
 
 def run_sae_train(cfg: SaeTrainConfig) -> SaeTrainResult:
     """Load teacher and tokens → init from a sample → train on streamed batches → evaluate → save."""
-    from cocomix.stage1_extract.sae_setup import open_inputs
-
     t0 = time.monotonic()
     out = prepare_out(cfg)
     inputs = open_inputs(cfg)
@@ -249,11 +248,9 @@ def run_sae_train(cfg: SaeTrainConfig) -> SaeTrainResult:
 def train_loop(sae: TopKSAE, batches, tracker: DeadTracker, cfg: SaeTrainConfig, steps: int, mse_scale: float) -> None:
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
     with SaeTrainProgress(steps * cfg.batch_tokens) as progress:
-        for step, x_ND in zip(range(steps), batches):
+        for _, x_ND in zip(range(steps), batches):
             stats = train_step(sae, opt, x_ND, tracker, cfg, mse_scale)
             progress.advance(len(x_ND), stats, tracker.dead_fraction(cfg.dead_tokens))
-        if tracker.seen == 0:
-            raise CocomixError("no training batches: the token split is smaller than --batch-tokens")
 
 
 def _replay(sample_ND: torch.Tensor, batch: int, rest):
