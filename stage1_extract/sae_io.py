@@ -132,9 +132,12 @@ def _openai_hook_from_path(path: Path) -> tuple[int | None, str | None]:
 def load_saelens(folder: Path) -> tuple[TopKSAE, SaeInfo]:
     """A SAELens TopK folder; ``W_enc`` [D, L] and ``W_dec`` [L, D] are transposed to OpenAI's layout."""
     cfg = _read_cfg(folder)
-    arch = cfg.get("architecture") or cfg.get("activation_fn_str") or cfg.get("activation_fn")
-    if arch != "topk":
-        raise CocomixError(f"SAELens SAE {folder} has architecture {arch!r}; only TopK SAEs are supported")
+    # SAELens >= 6 writes `architecture: topk`; the older folders of OpenAI's SAEs (SAELens PR #201) say
+    # `architecture: standard` with `activation_fn_str: topk` (read as ReLU by SAELens 6.0-6.12.2, issue #553).
+    kinds = (cfg.get("architecture"), cfg.get("activation_fn_str"), cfg.get("activation_fn"))
+    if "topk" not in kinds:
+        raise CocomixError(f"SAELens SAE {folder} has architecture {kinds[0]!r} and activation {kinds[1] or kinds[2]!r}; "
+                           "only TopK SAEs are supported")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if not isinstance(k, int):
         raise IntegrityError(f"SAELens cfg {folder / 'cfg.json'} lacks the TopK `k`")

@@ -56,6 +56,18 @@ def test_saelens_without_b_dec_on_input_is_folded(openai_sae_state, sae_factorie
     torch.testing.assert_close(sae.pre_activations(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_saelens_legacy_topk_cfg(openai_sae_file, openai_sae_state, sae_factories, tmp_path):
+    """The cfg of SAELens' older OpenAI folders: `standard` architecture, TopK given as the activation."""
+    folder = sae_factories.write_saelens(openai_sae_state, tmp_path / "lens")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["k"]
+    cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": 8})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae, info = load_sae(str(folder))
+    ref, _ = load_sae(str(openai_sae_file))
+    assert info.k == 8 and torch.equal(encodings(sae)[0], encodings(ref)[0])
+
+
 def test_format_detection(openai_sae_file, saelens_sae_folder, tmp_path):
     assert detect_format(openai_sae_file) == "openai"
     assert detect_format(saelens_sae_folder) == "saelens"
