@@ -291,3 +291,11 @@ def test_non_finite_loss_stops_with_a_clear_error():
     with pytest.raises(CocomixError, match="non-finite SAE loss"):
         st.train_step(sae, opt, x, st.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
     assert torch.equal(sae.W_enc, before)  # no step was taken on the bad batch
+
+
+def test_same_seed_same_weights(tmp_path, token_store, teacher_dir):
+    """Data order and init come from --seed only: two runs write byte-identical weights (CPU)."""
+    small = dict(train_tokens=2048, batch_tokens=256, buffer_tokens=1024, latents=64, k=4, eval_tokens=256)
+    runs = [st.run_sae_train(train_config(token_store, teacher_dir, tmp_path / name, seed=seed, **small))
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    assert runs[0].sha256 == runs[1].sha256 != runs[2].sha256
