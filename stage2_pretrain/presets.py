@@ -41,7 +41,7 @@ class Preset:
     micro_batch: int  #: windows per forward pass per process
     context: int  #: window length = position embeddings
     k_concept: int  #: concept logits kept before compression
-    dropout: float = 0.1  #: the official runs use GPT-2's default 0.1 (their `dropout: 0.0` is never applied)
+    dropout: float = 0.1  #: official runs: GPT-2's config default 0.1 (their yaml `dropout: 0.0` is never applied)
 
     def width(self, method: str) -> int:
         return self.cocomix_d if method == "cocomix" else self.ntp_d
@@ -106,6 +106,9 @@ class ParamCount:
 
 
 def count_params(model: nn.Module) -> ParamCount:
+    """Counts of a model, also when wrapped by ``torch.compile`` or DDP."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     if not isinstance(model, CoCoMixForCausalLM):
         return ParamCount(total, total)
