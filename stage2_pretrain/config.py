@@ -16,11 +16,12 @@ class PretrainConfig:
     method: str = flag("cocomix", help="`cocomix` (concept prediction + mixing) or `ntp` (plain next-token GPT-2 at matched active parameters).")
     size: str = flag("69m", help="Model preset: tiny, 69m, 386m, 1b.")
     tokens: str | None = flag(None, help="Token store. Default: the one the targets were made from, else the workspace's only store.")
-    targets: str | None = flag(None, help="Target-shard folder (cocomix only). Default: the workspace's only target folder.")
+    targets: str | None = flag(None, help="Target-shard folder. Default (cocomix): the workspace's only target folder. With --method ntp it only sets the matched width (the NTP run reads tokens only).")
     out: str | None = flag(None, help="Run folder (checkpoints, metrics.jsonl). Default: <workspace>/runs/<method>-<size>.")
     max_steps: int | None = flag(None, help="Optimizer steps. Default: the preset's (20B tokens).")
     batch_tokens: int | None = flag(None, help="Tokens per optimizer step (reached by gradient accumulation). Default: the preset's.")
     micro_batch: int | None = flag(None, help="Windows per forward pass per process. Default: the preset's.")
+    width: int | None = flag(None, help="Model width (n_embd) instead of the preset's. NTP default: the preset's matched width, or, with --targets, the width matching the CoCoMix student on those targets.")
     lr: float | None = flag(None, help="Peak learning rate. Default: the preset's (min lr = lr / 10).")
     seed: int = flag(0, help="Seed for init and data order.")
     resume: bool = flag(False, help="Continue from the newest complete checkpoint in --out.")
@@ -39,7 +40,7 @@ class PretrainConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows"):
+        for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows", "width"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{flag_name(name)} must be >= 1, got {value}")

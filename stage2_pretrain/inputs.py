@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainInputs:
-    """The opened token store and (CoCoMix only) target shards of a run."""
+    """The opened token store and target shards of a run (NTP: targets only when given, for the width)."""
 
     store: object                # cocomix.storage.token_store.TokenStore
     tokens_path: Path
@@ -44,9 +44,7 @@ def _recorded_store(targets_path: Path, ws: Path) -> Path | None:
 def resolve_paths(method: str, tokens: str | None, targets: str | None, workspace: str | None) -> tuple[Path, Path | None]:
     """(token store, target folder) from the flags, falling back to the workspace."""
     ws = workspace_root(workspace)
-    if method == "ntp":
-        if targets is not None:
-            log.warning("--targets is ignored with --method ntp (an NTP run reads only the token store)")
+    if method == "ntp" and targets is None:
         return (Path(tokens) if tokens else find_single(ws, "tokens", "--tokens")), None
     targets_path = Path(targets) if targets else find_single(ws, "targets", "--targets")
     if not (targets_path / "manifest.json").exists():

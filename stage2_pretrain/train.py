@@ -12,6 +12,7 @@ weighted by its share of the global batch's valid label slots (an all-reduced co
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.pipeline.workspace import run_dir, workspace_root
 
 from . import checkpoint as ckpt_io
@@ -34,7 +35,7 @@ from .inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_
 from .metrics import RunLog, check_tracker, truncate_metrics
 from .optim import CLIP, make_optimizer, make_scheduler
 from .plan import RunPlan, make_plan
-from .presets import build_model, count_params, get_preset
+from .presets import Preset, build_model, count_params, get_preset, match_ntp_width
 from .prefetch import prefetch
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Run(NamedTuple):
     tokenizer: object
     runlog: RunLog
     record: dict               #: what run.json holds
+    val: object | None         #: the store's `val` split, None when evaluation is off or impossible
 
 
 class StepValues(NamedTuple):
@@ -104,9 +106,21 @@ def world_size() -> int:
     return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
+def model_preset(cfg: PretrainConfig, inputs: TrainInputs) -> Preset:
+    """The size preset, with --width, or for NTP with --targets the width matching CoCoMix on them."""
+    preset = get_preset(cfg.size)
+    if cfg.width is not None:
+        if cfg.width % preset.n_head:
+            raise ConfigError(f"--width {cfg.width} is not a multiple of the {preset.n_head} heads of --size {cfg.size}")
+        return dataclasses.replace(preset, **{"ntp_d" if cfg.method == "ntp" else "cocomix_d": cfg.width})
+    if cfg.method == "ntp" and inputs.targets is not None:
+        return match_ntp_width(preset, inputs.store.vocab_size, inputs.targets.n_latents, inputs.targets.k_attr).preset
+    return preset
+
+
 def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):
     """A freshly initialised student (seeded, so every rank builds the same weights)."""
-    preset, store, reader = get_preset(cfg.size), inputs.store, inputs.targets
+    preset, store, reader = model_preset(cfg, inputs), inputs.store, inputs.targets
     torch.manual_seed(cfg.seed)
     if plan.method == "ntp":
         model = build_model("ntp", preset, vocab_size=store.vocab_size, eos_id=store.eos_id)
@@ -119,12 +133,13 @@ def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):
     return model
 
 
-def resumed_model(plan: RunPlan, ckpt: Path, inputs: TrainInputs):
+def resumed_model(ckpt: Path, inputs: TrainInputs, lam: float):
     from .evaluate import load_checkpoint_model
 
     model = load_checkpoint_model(ckpt)
-    if inputs.targets is not None:
+    if getattr(model.config, "model_type", "") == "cocomix":
         check_model_matches_targets(model.config, inputs.targets, inputs.targets_path, f"checkpoint {ckpt}")
+        model.config.lam = lam
     return model
 
 
@@ -138,7 +153,7 @@ def prepare_for_accelerate(model) -> None:
 
 
 def make_stream(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
-    if inputs.targets is None:
+    if plan.method == "ntp":
         source = TokenSource(inputs.store, "train")
     else:
         source = TargetSource(inputs.targets, "train")
@@ -164,7 +179,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     plan = make_plan(cfg, world_size())
     acc = make_accelerator(cfg, plan.accum, out)
     inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
-    if inputs.targets is not None:
+    if cfg.method == "cocomix":
         spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
     if acc.is_main_process:
         rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -172,7 +187,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     ckpt = ckpt_io.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    model = resumed_model(plan, ckpt, inputs) if ckpt else new_model(cfg, plan, inputs)
+    model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, plan, inputs)
     prepare_for_accelerate(model)
     record = run_record(cfg, plan, model, inputs)
     announce(acc, out, record, ckpt)
@@ -186,8 +201,18 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
         truncate_metrics(out, state.step)
     acc.init_trackers("cocomix", config={k: v for k, v in plan.to_dict().items()})
     run = Run(cfg, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, plan, inputs, acc.process_index),
-              inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record)
+              inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record,
+              val_split(inputs.store, cfg.eval_every))
     return run, state
+
+
+def val_split(store, eval_every: int):
+    if not eval_every:
+        return None
+    if "val" not in store.splits or len(store.split("val")) < 2:
+        log.warning("token store %s has no `val` tokens; validation is off (make the store with --val-fraction > 0)", store.path)
+        return None
+    return store.split("val")
 
 
 def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
@@ -265,14 +290,10 @@ def train_step(run: Run, step: int, batch: StepBatch) -> StepValues:
 
 def maybe_evaluate(run: Run, step: int, force: bool) -> PplResult | None:
     cfg, acc = run.cfg, run.acc
-    if not cfg.eval_every or not (step % cfg.eval_every == 0 or force):
+    if run.val is None or not (step % cfg.eval_every == 0 or force):
         return None
-    split = run.inputs.store.split("val") if "val" in run.inputs.store.splits else None
-    if split is None or len(split) < 2:
-        log.warning("no `val` split in the token store; skipping validation")
-        return None
-    spans = val_starts(len(split), run.plan.context, cfg.eval_windows)
-    result = evaluate_split(run.model, split, spans, batch_size=run.plan.micro_batch, device=acc.device,
+    spans = val_starts(len(run.val), run.plan.context, cfg.eval_windows)
+    result = evaluate_split(run.model, run.val, spans, batch_size=run.plan.micro_batch, device=acc.device,
                             rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast,
                             reduce=lambda t: acc.reduce(t, reduction="sum"))
     run.runlog.eval(step, result)

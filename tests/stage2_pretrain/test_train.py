@@ -139,3 +139,20 @@ def test_tensorboard_tracker_writes_events(tmp_path, token_store):
     pytest.importorskip("tensorboard")
     res = pretrain(tmp_path / "run", token_store, max_steps=2, tracker="tensorboard", save_every=0)
     assert list((res.out / "trackers").rglob("events.out.tfevents.*"))
+
+
+def test_ntp_with_targets_matches_the_cocomix_active_parameters(tmp_path, token_store, targets_dir):
+    """--targets with --method ntp only picks the width: the multiple of n_head closest to CoCoMix's active count."""
+    from cocomix.stage2_pretrain.presets import get_preset, match_ntp_width
+
+    ntp = pretrain(tmp_path / "ntp", token_store, max_steps=1, eval_every=0, save_every=0, targets=str(targets_dir), method="ntp")
+    coco = pretrain(tmp_path / "coco", token_store, targets_dir, max_steps=1, eval_every=0, save_every=0)
+    match = match_ntp_width(get_preset("tiny"), 384, 96)
+    assert (ntp.params_active, coco.params_active) == (match.ntp.active, match.cocomix.active)
+    assert abs(ntp.params_active / coco.params_active - 1) < 0.05  # tiny widths move in steps of n_head = 4
+    wide = pretrain(tmp_path / "wide", token_store, max_steps=1, eval_every=0, save_every=0, width=96)
+    from transformers import GPT2Config
+
+    assert GPT2Config.from_pretrained(wide.final).n_embd == 96
+    with pytest.raises(ConfigError, match="--width"):
+        pretrain(tmp_path / "odd", token_store, max_steps=1, width=90)
