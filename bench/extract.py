@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -48,8 +49,8 @@ class Shapes:
     batches: int
 
 
-CPU = Shapes(d=256, n_layer=6, n_head=4, vocab=8192, latents=4096, k=32, window=256, batch=4, layer=2, batches=3)
-CPU_FULL = Shapes(d=512, n_layer=8, n_head=8, vocab=16384, latents=8192, k=32, window=512, batch=4, layer=3, batches=4)
+CPU = Shapes(d=256, n_layer=6, n_head=4, vocab=8192, latents=4096, k=32, window=256, batch=4, layer=2, batches=5)
+CPU_FULL = Shapes(d=512, n_layer=8, n_head=8, vocab=16384, latents=8192, k=32, window=512, batch=4, layer=3, batches=9)
 GPU = Shapes(d=768, n_layer=12, n_head=12, vocab=50257, latents=32768, k=32, window=1024, batch=8, layer=5, batches=10)
 
 
@@ -91,15 +92,32 @@ def official_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: in
         return torch.topk(attribute, k_attr, dim=-1)
 
 
-def timed(fn: Callable[[torch.Tensor], object], batches: list[torch.Tensor], device: torch.device) -> float:
-    """tokens/s of ``fn`` over ``batches`` after one warm-up call."""
-    fn(batches[0])
-    sync(device)
-    t0 = time.perf_counter()
+def timed(methods: dict[str, Callable[[torch.Tensor], object]], batches: list[torch.Tensor],
+          device: torch.device) -> dict[str, float]:
+    """tokens/s of each method: one warm-up call each, then the methods take turns on every batch
+    (so a busy machine slows all of them alike) and each gets its median batch time."""
+    for fn in methods.values():
+        fn(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for ids in batches:
-        fn(ids)
+        for name, fn in methods.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(ids)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: batches[0].numel() / statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory(fn, ids: torch.Tensor, device: torch.device) -> float:
+    """Peak CUDA memory (GiB) of one call; NaN on CPU."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(ids)
     sync(device)
-    return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def sync(device: torch.device) -> None:
@@ -150,14 +168,13 @@ def run(shapes: Shapes, device: torch.device) -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             return teacher.model(ids).logits
 
-    rates, peaks = {}, {}
-    for name, fn in [("a_ours", lambda ids: label_batch(teacher, sae, ids, spec)),
-                     ("b_official", lambda ids: official_step(official_model, sae, ids, shapes.layer, 4)),
-                     ("c_forward", forward_only)]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        rates[name] = timed(fn, batches, device)
-        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    methods = {
+        "a_ours": lambda ids: label_batch(teacher, sae, ids, spec),
+        "b_official": lambda ids: official_step(official_model, sae, ids, shapes.layer, 4),
+        "c_forward": forward_only,
+    }
+    rates = timed(methods, batches, device)
+    peaks = {name: peak_memory(fn, batches[0], device) for name, fn in methods.items()}
     agree = agreement(label_batch(teacher, sae, batches[0], AttributionSpec(layer=shapes.layer, k_attr=4)),
                       official_step(official_model, sae, batches[0], shapes.layer, 4))
     report(shapes, device, rates, peaks, agree)

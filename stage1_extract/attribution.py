@@ -74,31 +74,49 @@ def hidden_below(teacher: Teacher, ids_BT: torch.Tensor, spec: AttributionSpec):
     return h_BTD.float(), mask, pos
 
 
+def head_ce_grad(head: torch.nn.Linear, x_ND: torch.Tensor, targets_N: torch.Tensor, weight_N: torch.Tensor,
+                 autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted next-token CE of ``head`` on ``x_ND`` and its gradient w.r.t. ``x_ND``, in closed form.
+
+    ``d CE / d logits = softmax(logits) - onehot(target)``, so the gradient is
+    ``(w * (p - onehot)) @ W_head``: one fp32 [n, V] buffer reused in place, no autograd graph.
+    Returns (per-row weighted CE [n], gradient [n, D]).
+    """
+    with _autocast(x_ND.device, autocast_dtype):
+        logits_NV = head(x_ND)
+    logits_NV = logits_NV.float()  # fp32 softmax
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    ce_N = (lse_N - logits_NV.gather(-1, targets_N[:, None]).squeeze(-1)) * weight_N
+    probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # softmax, in place of the logits
+    probs_NV.scatter_add_(-1, targets_N[:, None], probs_NV.new_full((len(targets_N), 1), -1.0))
+    probs_NV.mul_(weight_N[:, None])
+    with _autocast(x_ND.device, autocast_dtype):
+        g_ND = probs_NV @ head.weight  # [n, V] @ [V, D]
+    return ce_N, g_ND.float()
+
+
 def chunked_ce_grad(teacher: Teacher, top_BTD: torch.Tensor, ids_BT: torch.Tensor,
                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-window mean CE of the head on ``top_BTD`` (after ln_f) and d(sum of window means)/d top_BTD.
 
-    Each chunk of positions runs head forward, fp32 CE and the head's input-gradient
-    right away, so only one chunk of logits exists at a time and the head runs once.
+    Positions are taken ``HEAD_CHUNK_TOKENS`` rows at a time (head forward, fp32 CE and
+    the head's input gradient at once), so one chunk of logits exists at a time and the
+    head runs once. The last position predicts nothing: its gradient is zero.
     """
-    B, T, _ = top_BTD.shape
+    B, T, D = top_BTD.shape
     loss_B = top_BTD.new_zeros(B, dtype=torch.float32)
-    grad_BTD = torch.zeros_like(top_BTD)
+    grad_BTD = torch.zeros(B, T, D, dtype=torch.float32, device=top_BTD.device)
     if T < 2:
         return loss_B, grad_BTD
     rows = max(1, HEAD_CHUNK_TOKENS // B)
+    head = teacher.model.lm_head
     for s in range(0, T - 1, rows):
         e = min(T - 1, s + rows)
-        x_BCD = top_BTD[:, s:e].detach().requires_grad_(True)
-        with torch.enable_grad():
-            with _autocast(ids_BT.device, autocast_dtype):
-                logits_BCV = teacher.model.lm_head(x_BCD)
-            logits_BCV = logits_BCV.float()  # fp32 softmax
-            ce_BC = F.cross_entropy(logits_BCV.flatten(0, 1), ids_BT[:, s + 1:e + 1].flatten(), reduction="none")
-            chunk_B = ce_BC.view(B, e - s).sum(1) / (T - 1)
-            (g_BCD,) = torch.autograd.grad(chunk_B.sum(), x_BCD)
-        loss_B += chunk_B.detach()
-        grad_BTD[:, s:e] = g_BCD
+        x_ND = top_BTD[:, s:e].detach().reshape(-1, D)
+        weight_N = x_ND.new_full((len(x_ND),), 1.0 / (T - 1), dtype=torch.float32)
+        ce_N, g_ND = head_ce_grad(head, x_ND, ids_BT[:, s + 1:e + 1].reshape(-1), weight_N, autocast_dtype)
+        loss_B += ce_N.view(B, e - s).sum(1)
+        grad_BTD[:, s:e] = g_ND.view(B, e - s, D)
     return loss_B, grad_BTD
 
 
@@ -135,14 +153,14 @@ def active_scores(g_ND: torch.Tensor, W_LD: torch.Tensor, idx_NK: torch.Tensor, 
     """``(g . W_dec[:, idx]) * val`` for the K active latents of each row: [N, K], by gather.
 
     ``W_LD`` holds the decoder columns as rows. Each chunk gathers its [n, K, D] columns
-    and takes the K dot products with one batched matmul; nothing of size [N, L] exists.
+    and takes the K dot products; nothing of size [N, L] exists.
     """
     N, K = idx_NK.shape
     out_NK = torch.empty(N, K, dtype=g_ND.dtype, device=g_ND.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         cols_nKD = W_LD.index_select(0, idx_NK[s:e].reshape(-1)).view(e - s, K, -1)
-        dots_nK = torch.bmm(cols_nKD, g_ND[s:e].unsqueeze(-1)).squeeze(-1)
+        dots_nK = (cols_nKD * g_ND[s:e].unsqueeze(1)).sum(-1)  # faster than bmm's n matrix-vector products
         out_NK[s:e] = dots_nK * val_NK[s:e]
     return out_NK
 
