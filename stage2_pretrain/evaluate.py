@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -54,8 +54,9 @@ def ce_sum(model, input_ids_BT: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_split(model, split, spans, *, batch_size: int, device, rank: int = 0, world: int = 1,
-                   autocast=nullcontext, reduce=None) -> PplResult:
-    """Perplexity of ``model`` over ``spans`` of ``split``; ``reduce`` sums a tensor over ranks."""
+                   autocast=nullcontext, reduce=None, progress=None) -> PplResult:
+    """Perplexity of ``model`` over ``spans`` of ``split``; ``reduce`` sums a tensor over ranks;
+    ``progress(n_windows)`` is called after each batch."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, predicted tokens
@@ -66,6 +67,8 @@ def evaluate_split(model, split, spans, *, batch_size: int, device, rank: int = 
         with autocast():
             loss_sum = ce_sum(model, ids_BT)
         totals += weight * torch.stack([loss_sum.double(), torch.tensor(ids_BT.numel() - len(mine), dtype=torch.float64, device=device)])
+        if progress is not None:
+            progress(len(batch))
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)
@@ -94,6 +97,9 @@ def load_checkpoint_model(ckpt: Path):
     if not config_file.exists():
         raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
     model_type = json.loads(config_file.read_text()).get("model_type")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load clutters the run's log
     if model_type == "cocomix":
         from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
 
@@ -143,11 +149,35 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     if not spans:
         raise CocomixError(f"split {cfg.split!r} of --tokens {cfg.tokens} holds fewer than 2 tokens; pass another --split")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    res = evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast)
+    with window_progress(len(spans)) as advance:
+        res = evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast, progress=advance)
     result = EvalResult(str(ckpt), cfg.split, res.ppl, res.loss, res.tokens, res.windows, window, str(ckpt / "eval.json"))
     atomic_write_json(ckpt / "eval.json", {**asdict(result), "tokens_store": str(cfg.tokens)})
     _print_table(result)
     return result
+
+
+@contextmanager
+def window_progress(total: int):
+    """A rich progress bar over windows (windows/s and ETA); yields its advance function."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cocomix.pipeline.logs import console
+
+    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TextColumn("ETA"), TimeRemainingColumn())
+    t0, done = time.monotonic(), [0]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=total, rate="")
+
+        def advance(n: int) -> None:
+            done[0] += n
+            rate = f"{done[0] / max(time.monotonic() - t0, 1e-9):,.1f} windows/s"
+            bar.update(task, advance=n, rate=rate)
+
+        yield advance
 
 
 def _print_table(r: EvalResult) -> None:

@@ -80,7 +80,7 @@ class RunLog:
         record = {"kind": "train", "step": step, "lr": lr, "tokens_per_s": w.tokens / seconds}
         record.update({k: v / w.steps for k, v in w.sums.items()})
         self._emit(record)
-        self._console_train(record)
+        self._console_train(record, eta_s=(self.max_steps - step) * seconds / w.steps)
         return record
 
     def eval(self, step: int, result) -> None:
@@ -96,15 +96,21 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         self.acc.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=record["step"])
 
-    def _console_train(self, r: dict) -> None:
+    def _console_train(self, r: dict, eta_s: float) -> None:
         if not self.main:
             return
         concept = f" concept {r['concept_loss']:.4f}" if "concept_loss" in r else ""
         console.print(
             f"step {r['step']}/{self.max_steps}  loss {r['loss']:.4f}  ntp {r['ntp_loss']:.4f}{concept}  "
-            f"lr {r['lr']:.2e}  grad {r['grad_norm']:.2f}  {r['tokens_per_s']:,.0f} tok/s",
+            f"lr {r['lr']:.2e}  grad {r['grad_norm']:.2f}  {r['tokens_per_s']:,.0f} tok/s  eta {_hms(eta_s)}",
             highlight=False,
         )
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
 
 
 def perplexity(loss: float) -> float:

@@ -1,9 +1,10 @@
 """``cocomix pretrain``: train a CoCoMix student or its NTP baseline with HuggingFace Accelerate.
 
 One process, or ``accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml -m
-cocomix.pipeline.cli pretrain ...``. The loop reads like its table of contents::
+cocomix.pipeline.cli pretrain ...`` (on CPU: ``torchrun --nproc_per_node N -m cocomix.pipeline.cli
+pretrain ...``, gloo). The loop reads like its table of contents::
 
-    run_pretrain: set up (inputs, plan, run folder, model, optimizer; resume) -> train -> export final/
+    run_pretrain: setup (see .run_setup) -> train -> export final/
     train:        for each step: train_step; log; maybe evaluate; maybe checkpoint
 
 Losses of a step are exactly those of the global batch, whatever the process count:
@@ -12,31 +13,24 @@ weighted by its share of the global batch's valid label slots (an all-reduced co
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
-from cocomix.pipeline.workspace import run_dir, workspace_root
+from cocomix.pipeline.errors import CocomixError
 
 from . import checkpoint as ckpt_io
 from . import rundir
 from .config import PretrainConfig
-from .data import DataState, StepBatch, TargetSource, TokenSource, TrainStream, val_starts
+from .data import StepBatch, val_starts
 from .evaluate import PplResult, evaluate_split
-from .inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
-from .metrics import RunLog, check_tracker, truncate_metrics
-from .optim import CLIP, make_optimizer, make_scheduler
-from .plan import RunPlan, make_plan
-from .presets import Preset, build_model, count_params, get_preset, match_ntp_width
+from .optim import CLIP
 from .prefetch import prefetch
+from .run_setup import Run, setup
 
 log = logging.getLogger(__name__)
 
@@ -55,183 +49,11 @@ class PretrainResult:
     val_ppl: float | None      #: last validation perplexity (None if never evaluated)
 
 
-class Run(NamedTuple):
-    """Everything the loop touches, built once by :func:`setup`."""
-
-    cfg: PretrainConfig
-    plan: RunPlan
-    out: Path
-    acc: object
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    stream: TrainStream
-    inputs: TrainInputs
-    tokenizer: object
-    runlog: RunLog
-    record: dict               #: what run.json holds
-    val: object | None         #: the store's `val` split, None when evaluation is off or impossible
-
-
 class StepValues(NamedTuple):
     loss: float
     ntp_loss: float
     concept_loss: float | None
     grad_norm: float
-
-
-# ----------------------------------------------------------------------------- set-up
-def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-
-    # A second run in one process (quickstart, tests) must not inherit the first one's
-    # accumulation steps or precision from accelerate's process-wide singletons.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=accum,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        log_with=check_tracker(cfg.tracker),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
-    )
-
-
-def world_size() -> int:
-    from accelerate import PartialState
-
-    # cpu=True is what makes accelerate use gloo for a CPU-only torchrun/accelerate launch
-    return PartialState(cpu=not torch.cuda.is_available()).num_processes
-
-
-def model_preset(cfg: PretrainConfig, inputs: TrainInputs) -> Preset:
-    """The size preset, with --width, or for NTP with --targets the width matching CoCoMix on them."""
-    preset = get_preset(cfg.size)
-    if cfg.width is not None:
-        if cfg.width % preset.n_head:
-            raise ConfigError(f"--width {cfg.width} is not a multiple of the {preset.n_head} heads of --size {cfg.size}")
-        return dataclasses.replace(preset, **{"ntp_d" if cfg.method == "ntp" else "cocomix_d": cfg.width})
-    if cfg.method == "ntp" and inputs.targets is not None:
-        return match_ntp_width(preset, inputs.store.vocab_size, inputs.targets.n_latents, inputs.targets.k_attr).preset
-    return preset
-
-
-def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):
-    """A freshly initialised student (seeded, so every rank builds the same weights)."""
-    preset, store, reader = model_preset(cfg, inputs), inputs.store, inputs.targets
-    torch.manual_seed(cfg.seed)
-    if plan.method == "ntp":
-        model = build_model("ntp", preset, vocab_size=store.vocab_size, eos_id=store.eos_id)
-        model.config.cocomix_tokens = store.provenance()
-        return model
-    model = build_model("cocomix", preset, vocab_size=store.vocab_size, n_latents=reader.n_latents,
-                        k_attr=reader.k_attr, ignore_id=reader.ignore_id, eos_id=store.eos_id)
-    model.config.lam = cfg.lam
-    model.config.concept_provenance = {**reader.meta, "targets_path": str(inputs.targets_path)}
-    return model
-
-
-def resumed_model(ckpt: Path, inputs: TrainInputs, lam: float):
-    from .evaluate import load_checkpoint_model
-
-    model = load_checkpoint_model(ckpt)
-    if getattr(model.config, "model_type", "") == "cocomix":
-        check_model_matches_targets(model.config, inputs.targets, inputs.targets_path, f"checkpoint {ckpt}")
-        model.config.lam = lam
-    return model
-
-
-def prepare_for_accelerate(model) -> None:
-    """Small fixes before ``prepare``: name the HF loss (HF 5 cannot map ``GPT2LMHeadModel`` to
-    one and warns), and tell FSDP's transformer wrap policy which module is a block."""
-    if getattr(model, "loss_type", "") is None:
-        model.loss_type = "ForCausalLM"
-    if not getattr(model, "_no_split_modules", None):
-        model._no_split_modules = [type(model.transformer.h[0]).__name__]
-
-
-def make_stream(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
-    if plan.method == "ntp":
-        source = TokenSource(inputs.store, "train")
-    else:
-        source = TargetSource(inputs.targets, "train")
-    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum,
-                       world=plan.world, rank=rank, seed=cfg.seed)
-
-
-def run_record(cfg: PretrainConfig, plan: RunPlan, model, inputs: TrainInputs) -> dict:
-    counts = count_params(model)
-    return {
-        "config": asdict(cfg),
-        "plan": {**plan.to_dict(), "seed": cfg.seed},
-        "params": {"total": counts.total, "active": counts.active},
-        "tokens": {"path": str(inputs.tokens_path), "provenance": inputs.store.provenance()},
-        "targets": None if inputs.targets is None else {"path": str(inputs.targets_path), "meta": inputs.targets.meta},
-        "argv": sys.argv,
-    }
-
-
-def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
-    """Inputs, plan, run folder, model, optimizer and (with --resume) the restored state."""
-    out = Path(cfg.out) if cfg.out else run_dir(workspace_root(cfg.workspace), cfg.method, cfg.size)
-    plan = make_plan(cfg, world_size())
-    acc = make_accelerator(cfg, plan.accum, out)
-    inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
-    if cfg.method == "cocomix":
-        spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
-    if acc.is_main_process:
-        rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
-    acc.wait_for_everyone()
-    ckpt = ckpt_io.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, plan, inputs)
-    prepare_for_accelerate(model)
-    record = run_record(cfg, plan, model, inputs)
-    announce(acc, out, record, ckpt)
-    optimizer = make_optimizer(model, plan.lr, on_cuda=acc.device.type == "cuda")
-    scheduler = make_scheduler(optimizer, plan.schedule)
-    model, optimizer = acc.prepare(model, optimizer)
-    state = ckpt_io.TrainerState(0, DataState())
-    if ckpt:
-        state = ckpt_io.load_training_state(acc, model, optimizer, scheduler, ckpt)
-    if acc.is_main_process:
-        truncate_metrics(out, state.step)
-    acc.init_trackers("cocomix", config={k: v for k, v in plan.to_dict().items()})
-    run = Run(cfg, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, plan, inputs, acc.process_index),
-              inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record,
-              val_split(inputs.store, cfg.eval_every))
-    return run, state
-
-
-def val_split(store, eval_every: int):
-    if not eval_every:
-        return None
-    if "val" not in store.splits or len(store.split("val")) < 2:
-        log.warning("token store %s has no `val` tokens; validation is off (make the store with --val-fraction > 0)", store.path)
-        return None
-    return store.split("val")
-
-
-def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
-    """Print and store the parameter counts, the plan and the targets' provenance (rank 0)."""
-    if not acc.is_main_process:
-        return
-    if ckpt:
-        rundir.check_resume_matches(out, record)
-    rundir.write_run_json(out, record)
-    p, plan = record["params"], record["plan"]
-    log.info("%s %s: %s parameters, %s active", plan["method"], plan["size"], f"{p['total']:,}", f"{p['active']:,}")
-    log.info("batch %s tokens = micro-batch %d x accumulation %d x %d process(es) x context %d; %d steps, lr %.2e -> %.2e",
-             f"{plan['batch_tokens']:,}", plan["micro_batch"], plan["accum"], plan["world"], plan["context"],
-             plan["max_steps"], plan["lr"], plan["min_lr"])
-    if record["targets"]:
-        meta = record["targets"]["meta"]
-        log.info("targets %s: teacher %s, SAE %s", record["targets"]["path"], meta.get("teacher"), meta.get("sae"))
-    log.info("config %s", json.dumps(record["config"], sort_keys=True))
-    log.info("run folder %s%s", out, f" (resuming from {ckpt.name})" if ckpt else "")
 
 
 # ----------------------------------------------------------------------------- the loop
