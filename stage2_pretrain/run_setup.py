@@ -59,6 +59,9 @@ def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
     # accumulation steps or precision from accelerate's process-wide singletons.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    if torch.cuda.is_available():  # as the official code: TF32 for any fp32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=accum,

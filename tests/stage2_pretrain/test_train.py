@@ -156,3 +156,12 @@ def test_ntp_with_targets_matches_the_cocomix_active_parameters(tmp_path, token_
     assert GPT2Config.from_pretrained(wide.final).n_embd == 96
     with pytest.raises(ConfigError, match="--width"):
         pretrain(tmp_path / "odd", token_store, max_steps=1, width=90)
+
+
+def test_resume_refuses_another_global_batch_and_is_a_no_op_when_done(tmp_path, token_store):
+    first = pretrain(tmp_path / "run", token_store, max_steps=2, eval_every=0)
+    with pytest.raises(ConfigError, match="--batch-tokens"):
+        pretrain(tmp_path / "run", token_store, max_steps=2, eval_every=0, resume=True, batch_tokens=1024)
+    again = pretrain(tmp_path / "run", token_store, max_steps=2, eval_every=0, resume=True)
+    assert again.steps == 2 and again.checkpoint == first.checkpoint and (again.final / "model.safetensors").exists()
+    assert [r["step"] for r in records(again.out)] == [1, 2]
