@@ -23,7 +23,7 @@ def test_readme_commands_exist():
     """Every `cocomix X` the README shows is a registered command."""
     from cocomix.pipeline.cli import COMMANDS
 
-    readme = (ROOT / "README.md").read_text()
-    known = {name.split()[0] for name in COMMANDS} | {"quickstart"}
-    used = set(re.findall(r"(?:^|&& )cocomix ([a-z]+)", readme, flags=re.M))
+    code = "\n".join(_bash_blocks((ROOT / "README.md").read_text()))
+    known = {name.split()[0] for name in COMMANDS}
+    used = set(re.findall(r"(?:^|&& |cli )cocomix ([a-z]+)", code, flags=re.M)) | set(re.findall(r"cli ([a-z]+)", code))
     assert used and used <= known, used - known
