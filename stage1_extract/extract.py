@@ -160,7 +160,7 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
     check_tokenizer(teacher, store)
     sae, info = load_sae(cfg.sae, cache_dir=cache_dir(ws))
     check_sae_matches_teacher(info, teacher.d_model)
-    check_sae_layer(info, cfg.layer)
+    check_sae_hook(info, cfg.layer)
     sae = sae.to(device).eval().requires_grad_(False)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     for name in splits:
@@ -180,10 +180,18 @@ def ensure_tokenized(cfg: ExtractConfig, tokens_path: Path, dist: Dist) -> None:
     dist.barrier()
 
 
-def check_sae_layer(info, layer: int) -> None:
-    """An SAE whose file names its hook layer must be used at that layer."""
+HOOK_LOCATIONS = (None, "resid_post", "resid_post_mlp")  #: names of "the output of block L" (SAELens, OpenAI)
+
+
+def check_sae_hook(info, layer: int) -> None:
+    """An SAE whose file names its hook must have been trained on the output of block ``layer``."""
     if info.layer is not None and info.layer != layer:
         raise MismatchError(f"SAE {info.source} was trained on layer {info.layer}, but --layer is {layer}; pass --layer {info.layer}")
+    if info.location not in HOOK_LOCATIONS:
+        raise MismatchError(
+            f"SAE {info.source} reads {info.location!r}, but extract hooks the output of block {layer} "
+            "(resid_post / resid_post_mlp); pass an SAE trained on the residual stream after the block"
+        )
 
 
 def compute_dtype(cfg: ExtractConfig, device: torch.device) -> torch.dtype | None:

@@ -223,3 +223,14 @@ def test_corpus_without_tokens_tokenizes_with_teacher_tokenizer(tmp_path, corpus
     reader = TargetReader.open(result.out, verify=True)
     reader.check_tokens(store.provenance())
     assert reader.split_length("train") == len(store.split("train")) > 0  # (60 docs: the default val share is empty)
+
+
+def test_sae_from_another_hook_is_refused(tmp_path, token_store, teacher_dir, sae_factories):
+    """An SAE whose file names another layer or another hook point is refused, saying what to pass."""
+    state = sae_factories.make_state(32, 64, 4)
+    other_layer = sae_factories.write_openai(state, tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "2.pt")
+    with pytest.raises(MismatchError, match="--layer 2"):
+        run_extract(config(token_store, teacher_dir, other_layer, tmp_path / "t"))
+    attn = sae_factories.write_openai(state, tmp_path / "resid_delta_attn_v5_32k" / "autoencoders" / "1.pt")
+    with pytest.raises(MismatchError, match="resid_delta_attn"):
+        run_extract(config(token_store, teacher_dir, attn, tmp_path / "t"))
