@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher, embed, run_blocks
 
-HEAD_CHUNK_TOKENS = 8192  #: rows of logits ([rows, V] fp32) alive at once in the chunked head
+HEAD_CHUNK_TOKENS = 2048  #: rows of logits ([rows, V] fp32: 400 MB at V = 50257) alive at once
 GATHER_CHUNK_TOKENS = 4096  #: tokens per gather of decoder columns ([rows, K, D]) on GPU (64 on CPU)
 ENCODE_CHUNK_TOKENS = 2048  #: tokens per SAE encode ([rows, L] pre-activations; also the dense ``pre`` product)
 

@@ -183,3 +183,15 @@ def test_non_finite_window_is_flagged(teacher, sae):
     ids[1, 3] = 7
     got = label_batch(bad, sae, ids, AttributionSpec(layer=LAYER, ignore_id=IGNORE))
     assert got.finite_B.tolist() == [True, False]
+
+
+def test_head_sees_at_most_one_chunk_of_rows(teacher, sae, monkeypatch):
+    """[B, T, V] logits never exist at once: the head runs on <= HEAD_CHUNK_TOKENS rows per call, once per prediction."""
+    monkeypatch.setattr(attr, "HEAD_CHUNK_TOKENS", 24)
+    rows = []
+    handle = teacher.model.lm_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0] if inp[0].dim() == 2 else inp[0].shape[0] * inp[0].shape[1]))
+    try:
+        label_batch(teacher, sae, windows(3, 40, seed=8), AttributionSpec(layer=LAYER, ignore_id=IGNORE))
+    finally:
+        handle.remove()
+    assert max(rows) <= 24 and sum(rows) == 3 * 39
