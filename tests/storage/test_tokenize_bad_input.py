@@ -146,3 +146,16 @@ def test_missing_field_fails_before_creating_the_store(tmp_path, tokenizer_dir):
     with pytest.raises(CocomixError, match="'text'"):
         tokenize(tmp_path / "c.jsonl", tokenizer_dir, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("kw,flag", [
+    ({"val_fraction": 1.0}, "--val-fraction"), ({"num_proc": 0}, "--num-proc"), ({"chunk_tokens": 0}, "--chunk-tokens"),
+    ({"chunk_tokens": 100, "shard_tokens": 250}, "--shard-tokens"), ({"train_tokenizer": 100}, "--train-tokenizer"),
+    ({"train_tokenizer": 300, "tokenizer": "x"}, "--tokenizer"),
+])
+def test_config_errors_name_the_flag(kw, flag):
+    from cocomix.pipeline.errors import ConfigError
+    from cocomix.storage.config import TokenizeConfig
+
+    with pytest.raises(ConfigError, match=flag):
+        TokenizeConfig(corpus="c", **kw)
