@@ -13,6 +13,7 @@ works because pretrain looks up the single target folder in the workspace.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -52,14 +53,23 @@ def cache_dir(workspace: Path) -> Path:
     return workspace / "cache"
 
 
+def _finished(folder: Path, kind: str) -> bool:
+    if kind == "targets":
+        return (folder / "manifest.json").exists()
+    try:
+        return bool(json.loads((folder / "zarr.json").read_text()).get("attributes", {}).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def find_single(workspace: Path, kind: str, flag: str) -> Path:
     """The only finished folder under ``<workspace>/<kind>/``; otherwise a clear error naming ``flag``.
 
-    A folder counts when it holds ``manifest.json`` (targets) or ``zarr.json`` (tokens).
+    A folder counts when it is finished: it holds ``manifest.json`` (targets, written last) or a
+    ``zarr.json`` whose attributes say ``complete`` (tokens); half-written folders are skipped.
     """
-    marker = "manifest.json" if kind == "targets" else "zarr.json"
     base = workspace / kind
-    found = sorted(p for p in base.glob("*") if (p / marker).exists()) if base.exists() else []
+    found = sorted(p for p in base.glob("*") if _finished(p, kind)) if base.exists() else []
     if len(found) == 1:
         return found[0]
     if not found:

@@ -30,3 +30,17 @@ def test_find_single(tmp_path):
     (tmp_path / "targets" / "b" / "manifest.json").write_text("{}")
     with pytest.raises(CocomixError, match="several"):
         find_single(tmp_path, "targets", "--targets")
+
+
+def test_find_single_tokens_needs_complete_store(tmp_path):
+    import json
+
+    half = tmp_path / "tokens" / "half"
+    half.mkdir(parents=True)
+    (half / "zarr.json").write_text(json.dumps({"attributes": {"complete": False}}))
+    with pytest.raises(CocomixError, match="no finished tokens"):
+        find_single(tmp_path, "tokens", "--tokens")
+    done = tmp_path / "tokens" / "done"
+    done.mkdir()
+    (done / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
+    assert find_single(tmp_path, "tokens", "--tokens") == done
