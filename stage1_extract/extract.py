@@ -25,10 +25,11 @@ from cocomix.pipeline.workspace import cache_dir, targets_dir, tokens_dir, works
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.dist import Dist, init_dist
-from cocomix.stage1_extract.report import ExtractProgress, label_coverage, peak_memory_bytes, print_summary
+from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, load_teacher, resolve_device
+from cocomix.storage.target_writer import sidecar_path
 from cocomix.storage.targets import MANIFEST, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
 
@@ -79,9 +80,10 @@ def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.devic
     plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard)
     writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
     with writer:
-        pending = writer.pending(dist.rank, dist.world)
-        log.info("%s: %d of %d shards to compute (%d finished and verified)", inputs.out,
-                 len(writer.pending()), len(plan), len(plan) - len(writer.pending()))
+        pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
+        verified = [s for i, s in enumerate(plan) if i % dist.world == dist.rank and s not in pending]
+        log.info("%s: %d shards to compute, %d finished and verified (rank %d of %d)",
+                 inputs.out, len(pending), len(verified), dist.rank, dist.world)
         labeller = ShardLabeller(cfg, inputs, spec, ids_dt, score_dt, writer)
         with ExtractProgress(sum(s.end - s.start for s in pending), len(pending), dist.is_main) as bar:
             for shard in pending:
@@ -89,12 +91,17 @@ def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.devic
             dist.barrier()
             if dist.is_main:
                 finish_abandoned(writer, plan, labeller, bar)
-        stats = run_stats(cfg, inputs, writer, plan, labeller, dist, device, bar.seconds)
+        labeller.coverage = merge(labeller.coverage, read_coverage([inputs.out / s.relpath for s in verified], spec.ignore_id))
+        stats = run_stats(cfg, labeller, dist, device, bar.seconds, len(plan))
         if dist.is_main:
             finalize(writer, inputs.out, stats)
     dist.barrier()
     return ExtractResult(inputs.out, inputs.tokens_path, len(plan), stats["shards_computed"],
                          stats["tokens_computed"], time.monotonic() - t0, stats)
+
+
+def merge(a: Coverage, b: Coverage) -> Coverage:
+    return Coverage(a.tokens + b.tokens, a.labelled + b.labelled, a.labels + b.labels)
 
 
 class ShardLabeller:
@@ -104,6 +111,7 @@ class ShardLabeller:
         self.cfg, self.inputs, self.spec = cfg, inputs, spec
         self.ids_dt, self.score_dt, self.writer = ids_dt, score_dt, writer
         self.shards = self.tokens = 0
+        self.coverage = Coverage()
 
     def maybe_compute(self, shard, bar: ExtractProgress) -> bool:
         """Compute ``shard`` unless another process holds it (or has just finished it)."""
@@ -117,6 +125,7 @@ class ShardLabeller:
             id_dtype=self.ids_dt, score_dtype=self.score_dt, on_batch=bar.tokens_done,
         )
         self.writer.write_shard(shard, labels.tokens_N, labels.ids_NA, labels.scores_NA)
+        self.coverage.add_ids(labels.ids_NA, self.spec.ignore_id)
         self.shards += 1
         self.tokens += len(tokens_N)
         bar.shard_done()
@@ -127,16 +136,23 @@ def finish_abandoned(writer, plan, labeller: ShardLabeller, bar: ExtractProgress
     """Rank 0, after the barrier: compute shards nobody finished; wait for those another process holds.
 
     A shard is left over when a concurrent ``extract`` on the same folder claimed it (we wait
-    for it, or take it over if that process dies and its lock is released).
+    for it, or take it over if that process dies and its lock is released). Shards the ranks
+    just wrote are only checked for presence here; ``finalize`` verifies every checksum.
     """
-    remaining = [s for s in plan if not writer.is_done(s)]
+    remaining = [s for s in plan if not written(writer.out, s)]
     while remaining:
         for shard in remaining:
             labeller.maybe_compute(shard, bar)
-        remaining = [s for s in remaining if not writer.is_done(s)]
+        remaining = [s for s in remaining if not written(writer.out, s)]
         if remaining:
             log.info("waiting for %d shard(s) held by another extract process", len(remaining))
             time.sleep(POLL_SECONDS)
+
+
+def written(out: Path, shard) -> bool:
+    """Shard file and its sidecar exist (the sidecar is written last; the checksum is finalize's job)."""
+    final = out / shard.relpath
+    return final.is_file() and sidecar_path(final).is_file()
 
 
 def finalize(writer, out: Path, stats: dict) -> None:
@@ -245,23 +261,21 @@ def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist
     return writer or TargetWriter(inputs.out, overwrite=False, **kwargs)
 
 
-def run_stats(cfg, inputs: Inputs, writer, plan, labeller: ShardLabeller, dist: Dist,
-              device: torch.device, seconds: float) -> dict:
-    """Numbers for the summary and the manifest (summed over ranks where they add up)."""
-    shards = int(dist.sum(labeller.shards, device))
+def run_stats(cfg, labeller: ShardLabeller, dist: Dist, device: torch.device, seconds: float, n_shards: int) -> dict:
+    """Numbers for the summary and the manifest, summed over ranks."""
+    cov = labeller.coverage
     tokens = int(dist.sum(labeller.tokens, device))
-    coverage = label_coverage([inputs.out / s.relpath for s in plan], ignore_id(id_dtype(inputs.sae_info.n_latents))) \
-        if dist.is_main else {}
+    coverage = Coverage(*(int(dist.sum(v, device)) for v in (cov.tokens, cov.labelled, cov.labels)))
     return {
-        "shards_total": len(plan),
-        "shards_computed": shards,
+        "shards_total": n_shards,
+        "shards_computed": int(dist.sum(labeller.shards, device)),
         "tokens_computed": tokens,
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "seconds": seconds,
         "world_size": dist.world,
         "device": str(device),
         "peak_memory_bytes": peak_memory_bytes(device),  # of rank 0
-        "coverage": coverage,
+        "coverage": coverage.as_stats(),
         "k_attr": cfg.k_attr,
         "batch_size": cfg.batch_size,
     }

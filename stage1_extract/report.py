@@ -2,14 +2,16 @@
 
 The bar counts this run's tokens (tokens/s, shards done, ETA). The summary (tokens,
 shards, label coverage, throughput, peak memory) is also what goes into the manifest
-through ``TargetWriter.finalize(extra=...)``. Coverage is read back from the finished
-shard files, so it covers shards written by earlier (interrupted) runs and by other ranks.
+through ``TargetWriter.finalize(extra=...)``. Coverage is counted from each shard's
+labels as they are computed, plus the shard files that earlier (interrupted) runs left, and is
+summed over ranks.
 """
 from __future__ import annotations
 
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,25 +70,39 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def label_coverage(shard_paths: list[Path], ignore_id: int) -> dict:
-    """Share of tokens with at least one label, and mean labels per token, over the given shard files."""
+@dataclass
+class Coverage:
+    """Label counts over some tokens (summed over shards and ranks)."""
+
+    tokens: int = 0
+    labelled: int = 0  #: tokens with at least one label
+    labels: int = 0  #: label slots that hold a latent (not ``ignore_id``)
+
+    def add_ids(self, ids_NA: np.ndarray, ignore_id: int) -> None:
+        valid_N = (ids_NA != ignore_id).sum(1)
+        self.tokens += len(valid_N)
+        self.labelled += int(np.count_nonzero(valid_N))
+        self.labels += int(valid_N.sum())
+
+    def as_stats(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "tokens_with_label": self.labelled / self.tokens if self.tokens else 0.0,
+            "labels_per_token": self.labels / self.tokens if self.tokens else 0.0,
+        }
+
+
+def read_coverage(shard_paths: list[Path], ignore_id: int) -> Coverage:
+    """Coverage of finished shard files (those an earlier, interrupted run wrote)."""
     import pyarrow as pa
 
-    tokens = labelled = labels = 0
+    cov = Coverage()
     for path in shard_paths:
         with pa.memory_map(str(path)) as source:
             column = pa.ipc.open_file(source).read_all().column("concept_ids").combine_chunks()
-            k = column.type.list_size
-            ids_NA = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            valid_N = (ids_NA != ignore_id).sum(1)
-            tokens += len(valid_N)
-            labelled += int(np.count_nonzero(valid_N))
-            labels += int(valid_N.sum())
-    return {
-        "tokens": tokens,
-        "tokens_with_label": labelled / tokens if tokens else 0.0,
-        "labels_per_token": labels / tokens if tokens else 0.0,
-    }
+            ids = column.flatten().to_numpy(zero_copy_only=False)
+            cov.add_ids(ids.reshape(-1, column.type.list_size), ignore_id)
+    return cov
 
 
 def print_summary(stats: dict, out: Path) -> None:

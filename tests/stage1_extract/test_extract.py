@@ -96,6 +96,8 @@ def test_tampered_shard_is_recomputed_identically(tmp_path, val_targets, token_s
     victim.write_bytes(good[:-7] + b"garbage")
     result = run_extract(config(token_store, teacher_dir, openai_sae_file, out, splits="val"))
     assert result.shards_computed == 1 and victim.read_bytes() == good
+    # coverage counts the recomputed shard and reads the verified ones: same as the uninterrupted run
+    assert result.stats["coverage"] == TargetReader.open(src).manifest["extra"]["coverage"]
 
 
 @pytest.mark.parametrize("flags", [dict(selection="activation"), dict(attribution_input="pre")])
