@@ -48,6 +48,14 @@ class ExtractConfig:
             raise ConfigError(f"--score-dtype must be float32 or float16, got {self.score_dtype!r}")
         if self.tokens is None and self.corpus is None:
             raise ConfigError("pass --tokens DIR (a token store) or --corpus SRC (e.g. openwebtext)")
+        if self.batch_size < 1 or self.windows_per_shard < 1:
+            raise ConfigError(f"--batch-size and --windows-per-shard must be >= 1, got {self.batch_size} and {self.windows_per_shard}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not [s for s in self.splits.split(",") if s.strip()]:
+            raise ConfigError("--splits must name at least one split (e.g. train,val)")
 
 
 @dataclass

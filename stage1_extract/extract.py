@@ -28,7 +28,7 @@ from cocomix.stage1_extract.dist import Dist, init_dist
 from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
-from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, load_teacher, resolve_device
+from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
 from cocomix.storage.target_writer import sidecar_path
 from cocomix.storage.targets import MANIFEST, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
@@ -169,6 +169,7 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
     ws = workspace_root(cfg.workspace)
     teacher = load_teacher(cfg.teacher, device)
     check_layer(teacher, cfg.layer)
+    check_window(teacher, cfg.window)
     tokens_path = Path(cfg.tokens) if cfg.tokens else tokens_dir(ws, cfg.corpus)
     if cfg.tokens is None:
         ensure_tokenized(cfg, tokens_path, dist)

@@ -119,6 +119,13 @@ def check_layer(teacher: Teacher, layer: int) -> None:
         )
 
 
+def check_window(teacher: Teacher, window: int) -> None:
+    """A window must fit the teacher's learned positions."""
+    n_positions = teacher.model.config.n_positions
+    if window > n_positions:
+        raise ConfigError(f"--window {window} exceeds the context of teacher {teacher.info.get('id')} ({n_positions} positions); pass --window {n_positions} or less")
+
+
 def check_tokenizer(teacher: Teacher, store: Any) -> None:
     """The token store must have been made with the teacher's tokenizer (same fingerprint)."""
     from cocomix.storage.token_store import tokenizer_fingerprint

@@ -236,3 +236,16 @@ def test_sae_from_another_hook_is_refused(tmp_path, token_store, teacher_dir, sa
     attn = sae_factories.write_openai(state, tmp_path / "resid_delta_attn_v5_32k" / "autoencoders" / "1.pt")
     with pytest.raises(MismatchError, match="resid_delta_attn"):
         run_extract(config(token_store, teacher_dir, attn, tmp_path / "t"))
+
+
+def test_window_longer_than_teacher_context(tmp_path, token_store, teacher_dir, openai_sae_file):
+    with pytest.raises(ConfigError, match="--window 512 exceeds .*256 positions"):
+        run_extract(config(token_store, teacher_dir, openai_sae_file, tmp_path / "t", window=512))
+    assert not (tmp_path / "t").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("flags, name", [(dict(dtype="fp8"), "--dtype"), (dict(batch_size=0), "--batch-size"),
+                                         (dict(device="tpu"), "--device"), (dict(splits=" , "), "--splits")])
+def test_bad_flags_name_the_flag(tmp_path, flags, name):
+    with pytest.raises(ConfigError, match=name):
+        ExtractConfig(tokens="x", **flags)
