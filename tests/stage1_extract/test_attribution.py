@@ -195,3 +195,14 @@ def test_head_sees_at_most_one_chunk_of_rows(teacher, sae, monkeypatch):
     finally:
         handle.remove()
     assert max(rows) <= 24 and sum(rows) == 3 * 39
+
+
+def test_bf16_autocast_path_runs_and_agrees(teacher, sae):
+    """The CUDA default (bf16 autocast, fp32 loss) exercised on CPU autocast: close to fp32."""
+    ids = windows(3, 48, seed=9)
+    fp32 = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, ignore_id=IGNORE))
+    bf16 = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, ignore_id=IGNORE, autocast_dtype=torch.bfloat16))
+    assert bf16.scores_BTA.dtype == torch.float32 and bf16.loss_B.dtype == torch.float32
+    torch.testing.assert_close(bf16.loss_B, fp32.loss_B, rtol=2e-2, atol=1e-3)
+    valid = fp32.ids_BTA != IGNORE
+    assert (bf16.ids_BTA[valid] == fp32.ids_BTA[valid]).float().mean() > 0.9
