@@ -8,8 +8,9 @@ labels come out of much less work here:
 1. blocks ``0..layer`` under ``no_grad``: their activations are never stored;
 2. ``h`` becomes a leaf that requires grad; parameters are frozen, so the backward
    computes only input gradients, and only through blocks ``layer+1..`` and the head;
-3. the head and the cross-entropy run chunk by chunk over the sequence, each chunk's
-   backward right after its forward, so ``[B, T, V]`` fp32 logits never all exist;
+3. the head and the cross-entropy run 2048 rows at a time, the head's input gradient in
+   closed form (``(softmax - onehot) @ W_head``, in place in one fp32 buffer), so
+   ``[B, T, V]`` fp32 logits never all exist and no autograd graph spans the vocabulary;
 4. only the k active latents can score non-zero: ``(g . W_dec[:, idx]) * val`` is k dot
    products by gather instead of a ``[D, L]`` matmul.
 
