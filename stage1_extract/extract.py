@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import ConfigError, MismatchError
+from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.pipeline.workspace import cache_dir, targets_dir, tokens_dir, workspace_root
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
@@ -30,7 +30,7 @@ from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
 from cocomix.storage.target_writer import sidecar_path
-from cocomix.storage.targets import MANIFEST, TargetWriter, id_dtype, ignore_id, plan_shards
+from cocomix.storage.targets import MANIFEST, PLAN, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class ShardLabeller:
     def maybe_compute(self, shard, bar: ExtractProgress) -> bool:
         """Compute ``shard`` unless another process holds it (or has just finished it)."""
         if not self.writer.claim(shard):
-            log.info("shard %s is held by another process; skipping it", shard.relpath)
+            log.debug("shard %s is held by another process or already done; skipping it", shard.relpath)
             return False
         tokens_N = np.asarray(self.inputs.store.split(shard.split).read(shard.start, shard.end))
         labels = label_shard(
@@ -257,9 +257,30 @@ def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist
                   score_dtype=score_dt, token_dtype=inputs.store.dtype)
     writer = None
     if dist.is_main:
-        writer = TargetWriter(inputs.out, overwrite=cfg.overwrite, **kwargs)
+        writer = _open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)
     dist.barrier()
-    return writer or TargetWriter(inputs.out, overwrite=False, **kwargs)
+    return writer or _open_retrying(inputs.out, overwrite=False, **kwargs)
+
+
+def _open_retrying(out: Path, attempts: int = 5, **kwargs) -> TargetWriter:
+    """Open the writer; a folder another extract is creating this very moment (its plan.json not
+    yet renamed into place) looks "not empty without plan.json" for a few milliseconds: retry."""
+    for attempt in range(attempts):
+        try:
+            return TargetWriter(out, **kwargs)
+        except MismatchError:
+            raise
+        except CocomixError:
+            racing = (out / PLAN).exists() or _being_created(out)
+            if attempt == attempts - 1 or not racing:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+def _being_created(out: Path) -> bool:
+    """Only lock files or temporary files so far: another process is setting the folder up."""
+    return out.is_dir() and all(p.name == ".locks" or p.name.endswith(".tmp") for p in out.iterdir())
 
 
 def run_stats(cfg, labeller: ShardLabeller, dist: Dist, device: torch.device, seconds: float, n_shards: int) -> dict:

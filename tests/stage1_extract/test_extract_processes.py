@@ -81,3 +81,24 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, tmp_path_factory, 
     finally:
         torch.set_num_threads(threads)
     assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_two_concurrent_processes_split_the_shards(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
+    """Two `cocomix extract` started together on one new folder: both succeed, no shard is computed twice, same bytes.
+
+    (Claims are checked deterministically in test_extract.py; here the processes race for real.)
+    """
+    import re
+
+    flags = ["--window", "16", "--windows-per-shard", "1", "--batch-size", "1", "--splits", "train"]
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)]
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    computed = [int(re.search(r"\((\d+) computed by this run\)", log).group(1)) for log in logs]
+    total = len(TargetReader.open(out, verify=True).manifest["shards"])
+    print("shards computed per process", computed, "of", total)
+    assert sum(computed) == total  # disjoint: a shard computed by both would make the sum exceed the total
+    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, window=16, windows_per_shard=1, batch_size=1, splits="train")
+    assert shard_bytes(out) == shard_bytes(ref)
