@@ -89,3 +89,12 @@ def token_store(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("store") / "tokens"
     run_tokenize(TokenizeConfig(corpus=str(corpus_dir), tokenizer=str(tokenizer_dir), out=str(out), val_fraction=0.1, chunk_tokens=512))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _cocomix_logs_reach_caplog():
+    """The CLI's rich handler stops propagation; tests that ran a CLI command must not hide logs from caplog."""
+    import logging
+
+    logging.getLogger("cocomix").propagate = True
+    yield
