@@ -249,3 +249,13 @@ def test_window_longer_than_teacher_context(tmp_path, token_store, teacher_dir, 
 def test_bad_flags_name_the_flag(tmp_path, flags, name):
     with pytest.raises(ConfigError, match=name):
         ExtractConfig(tokens="x", **flags)
+
+
+def test_float16_scores(tmp_path, val_targets, token_store, teacher_dir, openai_sae_file):
+    """--score-dtype float16 stores half-precision scores; the labels are the float32 run's."""
+    out = tmp_path / "t"
+    run_extract(config(token_store, teacher_dir, openai_sae_file, out, splits="val", score_dtype="float16"))
+    half, full = TargetReader.open(out).window("val", 0, 64), TargetReader.open(val_targets[0]).window("val", 0, 64)
+    assert half.concept_scores.dtype == np.float16
+    assert np.array_equal(half.concept_ids, full.concept_ids)
+    np.testing.assert_allclose(half.concept_scores, full.concept_scores, rtol=1e-2, atol=1e-4)
