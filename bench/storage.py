@@ -2,7 +2,7 @@
 
     python bench/storage.py            # fast (~1 min on 2 cores)
     python bench/storage.py --full     # bigger files
-    python bench/storage.py --record bench/results/storage.md
+    python bench/storage.py --record /tmp/storage.md   (then merge into BENCHMARKS.md)
 
 Every figure is measured on one core (the process is pinned), page cache warm. The
 optimised path and its baseline run side by side:
