@@ -147,10 +147,13 @@ def main() -> None:
     ap.add_argument("--gpu-shapes", action="store_true", help="GPT-2 small shapes (use on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=int, default=None, help="timed batches per method")
+    ap.add_argument("--batch", type=int, default=None, help="windows per batch (e.g. 1 for --gpu-shapes on a CPU)")
     args = ap.parse_args()
     shapes = GPU if args.gpu_shapes else CPU_FULL if args.full else CPU
     if args.batches:
         shapes.batches = args.batches
+    if args.batch:
+        shapes.batch = args.batch
     device = torch.device(args.device)
     run(shapes, device)
 
