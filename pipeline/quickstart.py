@@ -49,7 +49,7 @@ class QuickstartConfig:
     sae_k: int = flag(16, help="Active latents per token of the SAE.")
     sae_tokens: int = flag(1_000_000, help="Activations the SAE trains on.")
     k_attr: int = flag(4, help="Concept labels per token.")
-    seed: int = flag(0, help="Seed of every step.")
+    seed: int = flag(0, help="Seed of the split, the SAE and the students (the teacher uses seed + 1).")
     fresh: bool = flag(False, help="Delete <workspace>/quickstart first instead of resuming it.")
 
     def __post_init__(self) -> None:
@@ -96,7 +96,8 @@ def _paths(root: Path) -> dict[str, Path]:
     return {name: root / name for name in names}
 
 
-def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, targets: Path | None, steps: int):
+def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, targets: Path | None, steps: int,
+              seed: int):
     """A stage-2 run; resumed when a previous quickstart left checkpoints, skipped when finished."""
     from cocomix.stage2_pretrain.config import PretrainConfig
     from cocomix.stage2_pretrain.train import run_pretrain
@@ -104,7 +105,7 @@ def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, ta
     resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
     pcfg = PretrainConfig(
         method=method, size=cfg.size, tokens=str(tokens), targets=str(targets) if targets else None,
-        out=str(out), max_steps=steps, batch_tokens=cfg.batch_tokens, seed=cfg.seed, resume=resume,
+        out=str(out), max_steps=steps, batch_tokens=cfg.batch_tokens, seed=seed, resume=resume,
         eval_every=max(steps // 3, 1), save_every=max(steps // 3, 1), keep_last=1, log_every=max(steps // 15, 1),
     )
     return run_pretrain(pcfg)
@@ -114,7 +115,9 @@ def _teacher_and_sae(paths: dict[str, Path], cfg: QuickstartConfig):
     from cocomix.stage1_extract.config import SaeTrainConfig
     from cocomix.stage1_extract.sae_train import run_sae_train
 
-    teacher = _pretrain("ntp", paths["teacher"], cfg, tokens=paths["tokens"], targets=None, steps=cfg.teacher_steps)
+    # Another seed than the students': otherwise the NTP student would be a copy of its teacher.
+    teacher = _pretrain("ntp", paths["teacher"], cfg, tokens=paths["tokens"], targets=None, steps=cfg.teacher_steps,
+                        seed=cfg.seed + 1)
     sae_cfg = SaeTrainConfig(
         teacher=str(teacher.final), tokens=str(paths["tokens"]), layer=cfg.layer, out=str(paths["sae"]),
         latents=cfg.sae_latents, k=cfg.sae_k, train_tokens=cfg.sae_tokens, dead_tokens=cfg.sae_tokens // 4,
@@ -148,7 +151,8 @@ def _run_chain(paths: dict[str, Path], cfg: QuickstartConfig) -> tuple[dict, dic
                               batch_size=16, device="cpu"))
     ppl, active = {}, {}
     for method in ("cocomix", "ntp"):
-        run = _pretrain(method, paths[method], cfg, tokens=paths["tokens"], targets=paths["targets"], steps=cfg.student_steps)
+        run = _pretrain(method, paths[method], cfg, tokens=paths["tokens"], targets=paths["targets"],
+                        steps=cfg.student_steps, seed=cfg.seed)
         result = run_eval(EvalConfig(ckpt=str(run.final), tokens=str(paths["tokens"]), split="val"))
         ppl[method], active[method] = result.val_ppl, run.params_active
     return ppl, active
