@@ -7,6 +7,8 @@ Runs in one process on the same random teacher, SAE and windows:
   (b) official  what RAM ``concept_extractor.py`` does: full forward, ``loss.backward()`` with
                 gradients for every parameter, dense ``(grad @ W_dec) * latents`` over all
                 latents, ``topk`` (fp32, as the official extractor runs outside autocast)
+  (b_tl)        the same on the official code's own teacher, a TransformerLens HookedTransformer
+                (einsum attention, hook points), when ``transformer-lens`` 3.x is installed
   (c) forward   ``model(ids)`` under ``no_grad`` (same dtype as (a)): the floor
 
 and prints tokens/s, the ratios a/b (goal >= 2 on CPU, >= 4 on GPU) and a/c (goal >= 0.5),
@@ -89,6 +91,39 @@ def official_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: in
         enc = sae.encode(x)
         latents = scatter_latents(enc.top_idx, enc.top_val, sae.n_latents)
         attribute = torch.matmul(grad_x, sae.W_dec) * latents
+        return torch.topk(attribute, k_attr, dim=-1)
+
+
+def build_official_tl(shapes: Shapes, device: torch.device):
+    """The official extractor's own teacher: a TransformerLens ``HookedTransformer`` of the same shapes
+    (random weights; ``LNPre`` as ``from_pretrained``'s default ``fold_ln`` leaves it). None when
+    ``transformer-lens`` (3.x, ``pip install -e '.[bench]'``) is not installed."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return None
+    cfg = HookedTransformerConfig(n_layers=shapes.n_layer, d_model=shapes.d, n_ctx=max(1024, shapes.window),
+                                  d_head=shapes.d // shapes.n_head, n_heads=shapes.n_head, d_mlp=4 * shapes.d,
+                                  d_vocab=shapes.vocab, act_fn="gelu_new", normalization_type="LNPre",
+                                  device=str(device), seed=0)
+    return HookedTransformer(cfg).train(False)
+
+
+def official_tl_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: int) -> torch.Tensor:
+    """RAM ``TransformerLensSAE.compute_attribute`` line by line: fwd/bwd hooks, ``loss.backward()``
+    with every parameter's gradient (never zeroed), dense ``(grad_x @ W_dec) * latents``, ``topk``."""
+    name, cache, grad_cache = f"blocks.{layer}.hook_resid_post", {}, {}
+    model.reset_hooks()
+    model.add_hook(name, lambda act, hook: cache.__setitem__(hook.name, act.detach()), "fwd")
+    model.add_hook(name, lambda act, hook: grad_cache.__setitem__(hook.name, act.detach()), "bwd")
+    logits = model(ids)
+    loss = F.cross_entropy(logits[..., :-1, :].contiguous().view(-1, logits.size(-1)), ids[..., 1:].contiguous().view(-1))
+    loss.backward()
+    model.reset_hooks()
+    with torch.no_grad():
+        enc = sae.encode(cache[name])
+        latents = scatter_latents(enc.top_idx, enc.top_val, sae.n_latents)
+        attribute = torch.matmul(grad_cache[name], sae.W_dec) * latents
         return torch.topk(attribute, k_attr, dim=-1)
 
 
@@ -176,6 +211,9 @@ def run(shapes: Shapes, device: torch.device) -> None:
         "b_official": lambda ids: official_step(official_model, sae, ids, shapes.layer, 4),
         "c_forward": forward_only,
     }
+    tl_model = build_official_tl(shapes, device)
+    if tl_model is not None:
+        methods["b_official_tl"] = lambda ids: official_tl_step(tl_model, sae, ids, shapes.layer, 4)
     rates = timed(methods, batches, device)
     peaks = {name: peak_memory(fn, batches[0], device) for name, fn in methods.items()}
     agree = agreement(label_batch(teacher, sae, batches[0], AttributionSpec(layer=shapes.layer, k_attr=4)),
@@ -195,6 +233,10 @@ def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree
                 line += f"   MFU {rate * flops_per_token(shapes, name == 'a_ours') / peak:.1%}"
         print(line)
     print(f"  a/b = {rates['a_ours'] / rates['b_official']:.2f}   (goal >= {4 if device.type == 'cuda' else 2})")
+    if "b_official_tl" in rates:
+        print(f"  a/b_tl = {rates['a_ours'] / rates['b_official_tl']:.2f}   (the official code's TransformerLens teacher)")
+    else:
+        print("  a/b_tl: not measured (pip install -e '.[bench]' for the official TransformerLens path)")
     print(f"  a/c = {rates['a_ours'] / rates['c_forward']:.2f}   (goal >= 0.5)")
     print(f"  label agreement of (a) with (b) on positive-score slots (fp32): {agree:.4f}")
 
