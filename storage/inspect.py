@@ -161,7 +161,8 @@ def _print_tables(info: dict) -> None:
     if "labels" in info:
         labels = {k: v for k, v in info["labels"].items() if k != "top_concepts"}
         out.print(_dict_table("labels", {"all": labels}))
-        out.print(_dict_table("top concepts", {str(c["id"]): c for c in info["labels"]["top_concepts"]}))
+        top = {f"latent {c['id']}": {k: v for k, v in c.items() if k != "id"} for c in info["labels"]["top_concepts"]}
+        out.print(_dict_table("top concepts", top))
         out.print(_dict_table("samples", {str(s["position"]): s for s in info["samples"]}))
 
 
