@@ -103,10 +103,12 @@ def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, ta
     from cocomix.stage2_pretrain.train import run_pretrain
 
     resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+    restart = out.exists() and not resume  # interrupted before its first checkpoint: start that run over
     pcfg = PretrainConfig(
         method=method, size=cfg.size, tokens=str(tokens), targets=str(targets) if targets else None,
         out=str(out), max_steps=steps, batch_tokens=cfg.batch_tokens, seed=seed, resume=resume,
-        eval_every=max(steps // 3, 1), save_every=max(steps // 3, 1), keep_last=1, log_every=max(steps // 15, 1),
+        overwrite=restart, eval_every=max(steps // 3, 1), save_every=max(steps // 3, 1), keep_last=1,
+        log_every=max(steps // 15, 1),
     )
     return run_pretrain(pcfg)
 

@@ -32,3 +32,10 @@ def test_quickstart_end_to_end(tmp_path):
     # a second run finds every step finished and redoes nothing
     again = run_quickstart(cfg)
     assert again.val_ppl == result.val_ppl
+    # a student interrupted before its first checkpoint (folder left, no checkpoint) is started over
+    import shutil
+
+    shutil.rmtree(result.paths["ntp"] / "checkpoints")
+    shutil.rmtree(result.paths["ntp"] / "final")
+    third = run_quickstart(cfg)
+    assert third.val_ppl["ntp"] == result.val_ppl["ntp"]  # same seed, same data: the same model again
