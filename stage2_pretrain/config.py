@@ -7,6 +7,7 @@ from cocomix.pipeline.configs import arg, flag, flag_name
 from cocomix.pipeline.errors import ConfigError
 
 METHODS = ("cocomix", "ntp")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class PretrainConfig:
     keep_last: int = flag(3, help="Checkpoints kept (older ones deleted).")
     log_every: int = flag(10, help="Console/metrics line every N steps.")
     lam: float = flag(0.1, help="Concept-loss weight lambda.")
+    precision: str = flag("auto", help="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` (autocast on any device) or `fp32`. Weights and AdamW state stay fp32.")
     tracker: str | None = flag(None, help="Also log to `tensorboard` or `wandb` through Accelerate.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Start over in a non-empty --out (deletes its checkpoints).")
@@ -38,6 +40,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows", "width"):

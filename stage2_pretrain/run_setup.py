@@ -50,6 +50,16 @@ class Run(NamedTuple):
     val: object | None         #: the store's `val` split, None when evaluation is off or impossible
 
 
+def check_fsdp_device() -> None:
+    """Refuse the FSDP config without a GPU: Accelerate shards only on GPU-like devices (on CPU
+    it would fail deep inside its FSDP plugin, or quietly fall back to plain data parallel)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ConfigError("FSDP (configs/accelerate/fsdp.yaml) needs GPUs: Accelerate shards models only on GPU-like "
+                          "devices. On CPU, launch with --config_file configs/accelerate/ddp.yaml or with torchrun.")
+
+
 def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -65,10 +75,15 @@ def make_accelerator(cfg: PretrainConfig, accum: int, out: Path):
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=accum,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        mixed_precision=mixed_precision(cfg.precision, cuda=torch.cuda.is_available()),
         log_with=check_tracker(cfg.tracker),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
     )
+
+
+def mixed_precision(precision: str, *, cuda: bool) -> str:
+    """Accelerate's ``mixed_precision`` for ``--precision`` (``auto``: bf16 on GPU, none on CPU)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
 
 
 def world_size() -> int:
@@ -148,6 +163,7 @@ def run_record(cfg: PretrainConfig, plan: RunPlan, model, inputs: TrainInputs) -
 def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     """Inputs, plan, run folder, model, optimizer and (with --resume) the restored state."""
     out = Path(cfg.out) if cfg.out else run_dir(workspace_root(cfg.workspace), cfg.method, cfg.size)
+    check_fsdp_device()
     plan = make_plan(cfg, world_size())
     acc = make_accelerator(cfg, plan.accum, out)
     inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
@@ -196,6 +212,8 @@ def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
     rundir.write_run_json(out, record)
     p, plan = record["params"], record["plan"]
     log.info("%s %s: %s parameters, %s active", plan["method"], plan["size"], f"{p['total']:,}", f"{p['active']:,}")
+    log.info("accelerate: %s on %s, %d process(es), mixed precision %s", acc.distributed_type.name, acc.device.type,
+             acc.num_processes, acc.mixed_precision)
     log.info("batch %s tokens = micro-batch %d x accumulation %d x %d process(es) x context %d; %d steps, lr %.2e -> %.2e",
              f"{plan['batch_tokens']:,}", plan["micro_batch"], plan["accum"], plan["world"], plan["context"],
              plan["max_steps"], plan["lr"], plan["min_lr"])

@@ -165,3 +165,52 @@ def test_resume_refuses_another_global_batch_and_is_a_no_op_when_done(tmp_path, 
     again = pretrain(tmp_path / "run", token_store, max_steps=2, eval_every=0, resume=True)
     assert again.steps == 2 and again.checkpoint == first.checkpoint and (again.final / "model.safetensors").exists()
     assert [r["step"] for r in records(again.out)] == [1, 2]
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path, token_store, targets_dir, caplog):
+    """``--precision bf16`` is the GPU default's code path (Accelerate's autocast) run on CPU: the
+    losses move off the fp32 ones by bf16 rounding only, and checkpoints keep fp32 weights."""
+    from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
+
+    fp32 = pretrain(tmp_path / "fp32", token_store, targets_dir, max_steps=3, eval_every=0, save_every=0)
+    with caplog.at_level("INFO", logger="cocomix"):
+        bf16 = pretrain(tmp_path / "bf16", token_store, targets_dir, max_steps=3, eval_every=0, save_every=0, precision="bf16")
+    assert "mixed precision bf16" in caplog.text
+    a, b = records(fp32.out), records(bf16.out)
+    for key in ("loss", "ntp_loss", "concept_loss"):
+        x, y = torch.tensor([r[key] for r in a]), torch.tensor([r[key] for r in b])
+        assert not torch.equal(x, y), f"{key}: bf16 run is bit-identical to fp32, so autocast was off"
+        torch.testing.assert_close(y, x, rtol=2e-2, atol=0, msg=key)
+    model = CoCoMixForCausalLM.from_pretrained(bf16.out / "checkpoints" / "step-0000003")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_precision_flag_maps_to_accelerate():
+    from cocomix.stage2_pretrain.run_setup import mixed_precision
+
+    assert mixed_precision("auto", cuda=True) == "bf16" and mixed_precision("auto", cuda=False) == "no"
+    assert mixed_precision("bf16", cuda=False) == "bf16" and mixed_precision("fp32", cuda=True) == "no"
+    with pytest.raises(ConfigError, match="--precision"):
+        PretrainConfig(precision="fp16")
+
+
+def test_fused_adamw_matches_the_loop_implementation():
+    """What ``make_optimizer`` builds on CUDA (fused kernels, the paper's groups) steps as plain AdamW."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cocomix.stage2_pretrain.optim import make_optimizer
+
+    torch.manual_seed(0)
+    models = [GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, 1e-2, on_cuda=fused) for m, fused in zip(models, (False, True))]
+    assert opts[1].defaults["fused"] and not opts[0].defaults["fused"]
+    x = torch.randint(0, 50, (2, 16))
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)  # 1% of one lr-sized step; order of ops only
