@@ -4,6 +4,12 @@ Several processes (ranks, or restarted jobs) may write into one folder: each tak
 shard by a non-blocking ``fcntl.flock`` on ``.locks/<split>-shard-NNNNN.lock``. The OS
 drops the lock when the process dies, so a SIGKILLed worker never leaves a shard stuck;
 its half-written temporary file is never under the final name and is simply rewritten.
+
+A shard counts as done when its sidecar agrees with the plan and its sha256 matches. Hashing
+every finished shard on each restart would cost minutes at billions of tokens, so the sha256 a
+shard was checked with is cached beside its lock (``.locks/<split>-shard-NNNNN.stamp``) with the
+file's size and mtime, as ``make`` and git's index do: an unchanged file is not hashed again, a
+rewritten or truncated one is. ``cocomix verify`` always hashes.
 """
 from __future__ import annotations
 
@@ -49,7 +55,6 @@ class TargetWriter:
         self.ignore_id = ignore_id(self.id_dtype)
         self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr)
         self._locks: dict[ShardSpec, int] = {}
-        self._written: dict[ShardSpec, str] = {}  # sha256 of shards this object wrote (no need to re-hash)
         self._open_folder(overwrite)
 
     # ---- plan.json: identity of the folder -------------------------------------------------
@@ -94,11 +99,14 @@ class TargetWriter:
         """This rank's (plan index % world == rank) shards that are not done yet."""
         return [s for i, s in enumerate(self.plan) if i % world == rank and not self.is_done(s)]
 
+    def _lock_path(self, spec: ShardSpec, suffix: str) -> Path:
+        return self.out / LOCKS / f"{spec.split}-shard-{spec.index:05d}{suffix}"
+
     def claim(self, spec: ShardSpec) -> bool:
         """Take ``spec`` with a non-blocking exclusive lock; False if another process holds it or it is done."""
         if spec in self._locks:
             return True
-        lock = self.out / LOCKS / f"{spec.split}-shard-{spec.index:05d}.lock"
+        lock = self._lock_path(spec, ".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -119,7 +127,8 @@ class TargetWriter:
             os.close(fd)
 
     def is_done(self, spec: ShardSpec) -> bool:
-        """Final shard and sidecar present, sidecar agrees with ``spec``, and the sha256 matches."""
+        """Final shard and sidecar present, sidecar agrees with ``spec``, and the sha256 matches
+        (read from the stamp when the file is unchanged since it was last hashed)."""
         shard = self.out / spec.relpath
         side = sidecar_path(shard)
         if not shard.is_file() or not side.is_file():
@@ -131,9 +140,23 @@ class TargetWriter:
         same = (info.get("start"), info.get("end"), info.get("rows")) == (spec.start, spec.end, spec.rows)
         if not same:
             return False
-        if self._written.get(spec) == info.get("sha256"):
+        if self._read_stamp(spec) == {"sha256": info.get("sha256"), **_file_stat(shard)}:
             return True
-        return info.get("sha256") == sha256_file(shard)
+        if info.get("sha256") != sha256_file(shard):
+            return False
+        self._write_stamp(spec, shard, info["sha256"])
+        return True
+
+    def _read_stamp(self, spec: ShardSpec) -> dict | None:
+        try:
+            return json.loads(self._lock_path(spec, ".stamp").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_stamp(self, spec: ShardSpec, shard: Path, sha256: str) -> None:
+        stamp = self._lock_path(spec, ".stamp")
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, {"sha256": sha256, **_file_stat(shard)})
 
     # ---- writing ----------------------------------------------------------------------------
     def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores) -> dict:
@@ -186,7 +209,7 @@ class TargetWriter:
                 "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION}
         atomic_replace(tmp, final)
         atomic_write_json(sidecar_path(final), info)
-        self._written[spec] = info["sha256"]
+        self._write_stamp(spec, final, info["sha256"])
         return info
 
     # ---- manifest ---------------------------------------------------------------------------
@@ -208,6 +231,11 @@ class TargetWriter:
         atomic_write_json(self.out / MANIFEST, manifest)
         log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
         return self.out / MANIFEST
+
+
+def _file_stat(path: Path) -> dict:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spec: ShardSpec) -> np.ndarray:

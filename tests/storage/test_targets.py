@@ -243,11 +243,9 @@ from cocomix.storage.targets import ShardSpec, TargetWriter
 rec = json.load(open(sys.argv[1] + "/plan.json"))
 w = TargetWriter(sys.argv[1], meta=rec["meta"], plan=[ShardSpec(**s) for s in rec["shards"]], k_attr=rec["k_attr"],
                  id_dtype=rec["dtypes"]["id"], score_dtype=rec["dtypes"]["score"], token_dtype=rec["dtypes"]["token"])
-calls = [0]
 sidecar = target_writer.atomic_write_json
 def dying(path, obj):
-    calls[0] += 1
-    if calls[0] == 2:  # the second shard is renamed into place, its sidecar never written
+    if str(path).endswith("shard-00001.json"):  # the second shard is renamed into place, its sidecar never written
         os.kill(os.getpid(), signal.SIGKILL)
     sidecar(path, obj)
 target_writer.atomic_write_json = dying
@@ -271,3 +269,52 @@ def test_writer_killed_mid_shard_leaves_nothing_accepted(tmp_path, store, plan):
         write_all(w, store)
         w.finalize()
     TargetReader.open(out, verify=True)
+
+
+def count_hashes(monkeypatch) -> list:
+    """Record every sha256 the writer computes (the real function still runs)."""
+    from cocomix.storage import target_writer
+
+    calls = []
+    real = target_writer.sha256_file
+    monkeypatch.setattr(target_writer, "sha256_file", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+def test_restart_does_not_rehash_unchanged_shards(tmp_path, store, plan, monkeypatch):
+    with open_writer(tmp_path / "t", store, plan) as w:
+        write_all(w, store, plan[:3])
+    calls = count_hashes(monkeypatch)
+    with open_writer(tmp_path / "t", store, plan) as w:  # a restarted extract
+        assert w.pending() == plan[3:]
+        write_all(w, store)
+        w.finalize()
+    assert len(calls) == len(plan) - 3  # only the new shards, each once as it is written
+    TargetReader.open(tmp_path / "t", verify=True)
+
+
+def test_a_shard_without_stamp_is_hashed_once_then_trusted(tmp_path, store, plan, monkeypatch):
+    with open_writer(tmp_path / "t", store, plan) as w:
+        write_all(w, store, plan[:2])
+    for stamp in (tmp_path / "t" / ".locks").glob("*.stamp"):
+        stamp.unlink()  # as a folder copied without its hidden files
+    calls = count_hashes(monkeypatch)
+    with open_writer(tmp_path / "t", store, plan) as w:
+        assert w.pending() == plan[2:] and len(calls) == 2
+        assert w.pending() == plan[2:] and len(calls) == 2
+
+
+def test_a_shard_changed_after_its_stamp_is_hashed_and_redone(tmp_path, store, plan, monkeypatch):
+    import os
+
+    with open_writer(tmp_path / "t", store, plan) as w:
+        write_all(w, store, plan[:2])
+    shard = tmp_path / "t" / plan[1].relpath
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    st = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    calls = count_hashes(monkeypatch)
+    with open_writer(tmp_path / "t", store, plan) as w:
+        assert w.pending() == plan[1:] and calls == [shard]
