@@ -9,7 +9,10 @@ Runs in one process on the same random teacher, SAE and windows:
                 latents, ``topk`` (fp32, as the official extractor runs outside autocast)
   (b_tl)        the same on the official code's own teacher, a TransformerLens HookedTransformer
                 (einsum attention, hook points), when ``transformer-lens`` 3.x is installed
-  (c) forward   ``model(ids)`` under ``no_grad`` (same dtype as (a)): the floor
+  (c) forward   ``model(ids)`` under ``no_grad`` (fp32 as (a)): the floor
+  (a_bf16)      (a) under bf16 autocast (``extract --dtype bfloat16``), on CUDA only
+
+Everything runs in fp32, with TF32 matmuls on CUDA as the official ``main.py`` sets them.
 
 and prints tokens/s, the ratios a/b (goal >= 2 on CPU, >= 4 on GPU) and a/c (goal >= 0.5),
 label agreement of (a) and (b) on slots with a positive score, and MFU on CUDA.
@@ -198,12 +201,15 @@ def run(shapes: Shapes, device: torch.device) -> None:
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
                for _ in range(shapes.batches)]
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    spec = AttributionSpec(layer=shapes.layer, k_attr=4, autocast_dtype=autocast)
+    if device.type == "cuda":  # as the official main.py, and `cocomix extract` on CUDA
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4)  # the default `--dtype auto`: fp32 (TF32 on CUDA)
+    bf16 = AttributionSpec(layer=shapes.layer, k_attr=4, autocast_dtype=torch.bfloat16)
     official_model = copy.deepcopy(teacher.model).requires_grad_(True)
 
     def forward_only(ids):
-        with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.no_grad():
             return teacher.model(ids).logits
 
     methods = {
@@ -211,17 +217,20 @@ def run(shapes: Shapes, device: torch.device) -> None:
         "b_official": lambda ids: official_step(official_model, sae, ids, shapes.layer, 4),
         "c_forward": forward_only,
     }
+    if device.type == "cuda":  # `--dtype bfloat16`
+        methods["a_ours_bf16"] = lambda ids: label_batch(teacher, sae, ids, bf16)
     tl_model = build_official_tl(shapes, device)
     if tl_model is not None:
         methods["b_official_tl"] = lambda ids: official_tl_step(tl_model, sae, ids, shapes.layer, 4)
     rates = timed(methods, batches, device)
     peaks = {name: peak_memory(fn, batches[0], device) for name, fn in methods.items()}
-    agree = agreement(label_batch(teacher, sae, batches[0], AttributionSpec(layer=shapes.layer, k_attr=4)),
-                      official_step(official_model, sae, batches[0], shapes.layer, 4))
+    official = official_step(official_model, sae, batches[0], shapes.layer, 4)
+    agree = {"a_ours": agreement(label_batch(teacher, sae, batches[0], spec), official),
+             "a_ours_bf16": agreement(label_batch(teacher, sae, batches[0], bf16), official)}
     report(shapes, device, rates, peaks, agree)
 
 
-def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree: float) -> None:
+def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree: dict) -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads); shapes {shapes}")
     for name, rate in rates.items():
@@ -230,15 +239,17 @@ def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree
             line += f"   peak {peaks[name]:.1f} GiB"
             peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
             if peak and name != "b_official":
-                line += f"   MFU {rate * flops_per_token(shapes, name == 'a_ours') / peak:.1%}"
+                line += f"   MFU {rate * flops_per_token(shapes, name.startswith('a_ours')) / peak:.1%} (of the bf16 peak)"
         print(line)
-    print(f"  a/b = {rates['a_ours'] / rates['b_official']:.2f}   (goal >= {4 if device.type == 'cuda' else 2})")
+    print(f"  a/b = {rates['a_ours'] / rates['b_official']:.2f}   (goal >= {4 if device.type == 'cuda' else 2}; both fp32{', TF32 matmuls' if device.type == 'cuda' else ''})")
+    if "a_ours_bf16" in rates:
+        print(f"  a_bf16/b = {rates['a_ours_bf16'] / rates['b_official']:.2f}   (`extract --dtype bfloat16` vs the official fp32)")
     if "b_official_tl" in rates:
         print(f"  a/b_tl = {rates['a_ours'] / rates['b_official_tl']:.2f}   (the official code's TransformerLens teacher)")
     else:
         print("  a/b_tl: not measured (pip install -e '.[bench]' for the official TransformerLens path)")
     print(f"  a/c = {rates['a_ours'] / rates['c_forward']:.2f}   (goal >= 0.5)")
-    print(f"  label agreement of (a) with (b) on positive-score slots (fp32): {agree:.4f}")
+    print(f"  label agreement with (b) on positive-score slots: (a) {agree['a_ours']:.4f}, (a, bf16 autocast) {agree['a_ours_bf16']:.4f}")
 
 
 if __name__ == "__main__":

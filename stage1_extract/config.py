@@ -28,7 +28,7 @@ class ExtractConfig:
     attribution_input: str = flag("post", help="`post`: score the TopK activations (official code); `pre`: score pre-activations densely (paper Eq. 1).")
     score_dtype: str = flag("float32", help="dtype of stored scores: float32 or float16.")
     device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
-    dtype: str = flag("auto", help="Teacher compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32`, `bfloat16`.")
+    dtype: str = flag("auto", help="Teacher compute dtype: `auto` = `float32` (TF32 matmuls on CUDA; the official extractor's arithmetic), or `bfloat16` autocast (faster on GPUs; a few percent of label slots differ).")
     splits: str = flag("train,val", help="Comma-separated splits to label.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")

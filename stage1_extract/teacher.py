@@ -73,7 +73,8 @@ def _from_pretrained(spec: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa")
+        # fp32 weights whatever the checkpoint stores: --dtype bfloat16 is autocast, never cast weights
+        model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError, KeyError) as err:
         if _is_local(spec):

@@ -1,7 +1,8 @@
 """AdamW and the learning-rate schedule of the paper's recipe (DESIGN.md §5).
 
-AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only (biases and LayerNorm
-gains are not decayed, as in nanoGPT), fused kernels on CUDA. The schedule is linear
+AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1 on every parameter, biases and LayerNorm
+gains included, as the official trainer (``train/trainer.py``: one ``AdamW(base_lm.parameters())``;
+nanoGPT would exempt vectors), fused kernels on CUDA. The schedule is linear
 warmup over ``max(1, steps // 300)`` steps, then a cosine from the peak to the min lr.
 """
 from __future__ import annotations
@@ -44,17 +45,9 @@ def lr_ratio(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Decay matrices (``dim >= 2``: linear and embedding weights), not vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 def make_optimizer(model: torch.nn.Module, lr: float, on_cuda: bool) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model), lr=lr, betas=BETAS, eps=EPS, fused=on_cuda or None)
+    params = [p for p in model.parameters() if p.requires_grad]  # tied embeddings appear once
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=on_cuda or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:

@@ -139,10 +139,14 @@ class WidthMatch(NamedTuple):
 def match_ntp_width(preset: Preset, vocab_size: int, n_latents: int, k_attr: int = 4) -> WidthMatch:
     """The NTP width (a multiple of ``n_head``) whose active count is closest to the CoCoMix model's.
 
-    For vocabularies and SAEs other than the paper's (e.g. the quickstart's). ``k_attr`` does not
-    change any parameter count; it is accepted so callers can pass the targets' settings as they are.
+    For vocabularies and SAEs other than the paper's (e.g. the quickstart's). With the paper's own
+    (GPT-2 vocabulary, 32k latents) a paper-size preset keeps the table's width, the paper's
+    baseline (69m: 624, though 616 lands slightly closer). ``k_attr`` does not change any parameter
+    count; it is accepted so callers can pass the targets' settings as they are.
     """
     target = count_on_meta("cocomix", preset, vocab_size=vocab_size, n_latents=n_latents)
+    if (vocab_size, n_latents) == (PAPER_VOCAB, PAPER_LATENTS) and preset.name != "tiny":
+        return WidthMatch(preset, target, count_on_meta("ntp", preset, vocab_size=vocab_size))
     step = preset.n_head
     lo, hi = 1, 8 * preset.cocomix_d // step  # widths lo*step .. hi*step; the count grows with the width
     while lo < hi:  # smallest width whose count reaches the target

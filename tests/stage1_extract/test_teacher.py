@@ -68,3 +68,35 @@ def test_not_a_model_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CocomixError, match="--teacher"):
         load_teacher(str(tmp_path))
+
+
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_as_fp32(teacher_dir, tmp_path, saved):
+    """A teacher saved in half precision computes in fp32 (``--dtype bfloat16`` is autocast only):
+    without the cast its fp16 weights meet the fp32 SAE and the attribution fails on dtypes."""
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
+    from cocomix.stage1_extract.sae import TopKSAE
+
+    folder = tmp_path / "half"
+    GPT2LMHeadModel.from_pretrained(teacher_dir).to(saved).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (teacher_dir / name).exists():
+            shutil.copy(teacher_dir / name, folder / name)
+    half = load_teacher(str(folder))
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    sae = TopKSAE(d_in=32, n_latents=64, k=4).eval().requires_grad_(False)
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(0))
+    got = label_batch(half, sae, ids, AttributionSpec(layer=1, k_attr=2, ignore_id=65535))
+    assert got.ids_BTA.shape == (1, 16, 2) and bool(got.finite_B.all())
+
+
+def test_auto_dtype_is_the_official_fp32_on_every_device():
+    from cocomix.stage1_extract.extract import compute_dtype
+
+    for device in ("cpu", "cuda"):
+        assert compute_dtype(SimpleNamespace(dtype="auto"), torch.device(device)) is None
+    assert compute_dtype(SimpleNamespace(dtype="bfloat16"), torch.device("cuda")) is torch.bfloat16

@@ -104,8 +104,16 @@ def test_tiny_ntp_width_is_matched_for_the_quickstart_defaults():
     assert match_ntp_width(p, vocab_size=4096, n_latents=1024).preset.ntp_d == p.ntp_d
 
 
-def test_match_ntp_width_reproduces_the_paper_69m_width_closely():
-    match = match_ntp_width(get_preset("69m"), vocab_size=PAPER_VOCAB, n_latents=PAPER_LATENTS)
+@pytest.mark.parametrize("size, width", [("69m", 624), ("386m", 1072), ("1b", 2096)])
+def test_paper_targets_keep_the_paper_ntp_widths(size, width):
+    """`pretrain --method ntp --targets` on the paper's targets trains the paper's baseline."""
+    match = match_ntp_width(get_preset(size), vocab_size=PAPER_VOCAB, n_latents=PAPER_LATENTS)
+    assert match.preset.ntp_d == width and abs(match.ratio - 1) < 0.02
+
+
+def test_match_ntp_width_search_lands_near_the_paper_69m_width():
+    """The search itself (a vocabulary one id off the paper's) finds a width next to the table's."""
+    match = match_ntp_width(get_preset("69m"), vocab_size=PAPER_VOCAB + 1, n_latents=PAPER_LATENTS)
     assert abs(match.preset.ntp_d - 624) <= 16 and abs(match.ratio - 1) < 0.01
 
 

@@ -214,3 +214,17 @@ def test_fused_adamw_matches_the_loop_implementation():
             opt.zero_grad()
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)  # 1% of one lr-sized step; order of ops only
+
+
+def test_adamw_is_the_official_recipe():
+    """One group, weight decay 0.1 on every parameter (biases, LayerNorm gains and the concept
+    biases included) as the official trainer; the tied embedding appears once."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cocomix.stage2_pretrain.optim import make_optimizer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    opt = make_optimizer(model, 3e-4, on_cuda=False)
+    (group,) = opt.param_groups
+    assert group["weight_decay"] == 0.1 and group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8 and group["lr"] == 3e-4
+    assert len(group["params"]) == len(list(model.parameters())) and any(p.dim() == 1 for p in group["params"])
