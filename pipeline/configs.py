@@ -87,9 +87,16 @@ def build_command(config_cls: type, run: str, doc: str | None = None) -> Callabl
             config = config_cls(**kwargs)
             resolve(run)(config)
         except CocomixError as err:
-            from cocomix.pipeline.logs import console
-
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _error(str(err))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            hint = getattr(config_cls, "RESUME", "")
+            _error(f"interrupted; nothing finished is lost{': ' + hint if hint else ''}", label="stopped")
+            raise typer.Exit(130) from None
+        except OSError as err:  # a path that cannot be created or read, a full disk: one line, not a traceback
+            if log.isEnabledFor(logging.DEBUG):
+                raise
+            _error(f"{err} (run `cocomix -v ...` for the traceback)")
             raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -97,6 +104,12 @@ def build_command(config_cls: type, run: str, doc: str | None = None) -> Callabl
     command.__doc__ = doc or config_cls.__doc__
     command.__name__ = config_cls.__name__
     return command
+
+
+def _error(message: str, label: str = "error") -> None:
+    from cocomix.pipeline.logs import console
+
+    console.print(f"[bold red]{label}:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def add_command(app: typer.Typer, name: str, config_cls: type, run: str, doc: str | None = None) -> None:

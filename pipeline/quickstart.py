@@ -37,6 +37,8 @@ SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pyca
 class QuickstartConfig:
     """Run the whole chain offline on a slice of the Python standard library's sources."""
 
+    RESUME = "re-run the same command: finished stages are kept"  #: printed after Ctrl-C (no annotation: not a flag)
+
     workspace: str | None = flag(None, help="Workspace folder; outputs go to <workspace>/quickstart. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     corpus_mb: float = flag(3.0, help="Megabytes of standard-library source used as the corpus (one file = one document).")
     vocab_size: int = flag(4096, help="Vocabulary of the byte-level BPE trained on the corpus.")

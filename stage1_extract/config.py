@@ -14,6 +14,8 @@ DEFAULT_SAE = "openai:v5_32k/resid_post_mlp/5"
 class ExtractConfig:
     """Run teacher + TopK SAE + attribution over a token store and write concept-target shards."""
 
+    RESUME = "re-run the same command: finished shards are kept, the others are redone"  #: printed after Ctrl-C (no annotation: not a flag)
+
     tokens: str | None = flag(None, help="Token store to label. Default: <workspace>/tokens/<corpus> (tokenized first if missing).")
     corpus: str | None = flag(None, help="Corpus to tokenize with the teacher's tokenizer when --tokens is not given (e.g. openwebtext).")
     teacher: str = flag(DEFAULT_TEACHER, help="Teacher: hub id or local folder of a GPT-2-family causal LM.")
@@ -61,6 +63,8 @@ class ExtractConfig:
 @dataclass
 class SaeTrainConfig:
     """Train a TopK SAE (Gao et al. recipe) on a teacher's hidden states, streamed from a token store."""
+
+    RESUME = "`sae train` does not resume; re-run it to start over"  #: printed after Ctrl-C (no annotation: not a flag)
 
     teacher: str = flag(help="Teacher: hub id or local folder of a GPT-2-family causal LM.")
     tokens: str = flag(help="Token store whose `train` split feeds the teacher.")

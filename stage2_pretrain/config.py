@@ -14,12 +14,14 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class PretrainConfig:
     """Pretrain a CoCoMix student (or the matched NTP baseline) on a token store and target shards."""
 
+    RESUME = "re-run the same command with --resume to continue from the newest complete checkpoint"  #: printed after Ctrl-C (no annotation: not a flag)
+
     method: str = flag("cocomix", help="`cocomix` (concept prediction + mixing) or `ntp` (plain next-token GPT-2 at matched active parameters).")
     size: str = flag("69m", help="Model preset: tiny, 69m, 386m, 1b.")
     tokens: str | None = flag(None, help="Token store. Default: the one the targets were made from, else the workspace's only store.")
     targets: str | None = flag(None, help="Target-shard folder. Default (cocomix): the workspace's only target folder. With --method ntp it only sets the matched width (the NTP run reads tokens only).")
     out: str | None = flag(None, help="Run folder (checkpoints, metrics.jsonl). Default: <workspace>/runs/<method>-<size>.")
-    max_steps: int | None = flag(None, help="Optimizer steps. Default: the preset's (20B tokens).")
+    max_steps: int | None = flag(None, help="Optimizer steps. Default: the preset's (20B tokens for 69m/386m/1b; 200 for tiny). May change on --resume (the cosine then ends at the new step).")
     batch_tokens: int | None = flag(None, help="Tokens per optimizer step (reached by gradient accumulation). Default: the preset's.")
     micro_batch: int | None = flag(None, help="Windows per forward pass per process. Default: the preset's.")
     width: int | None = flag(None, help="Model width (n_embd) instead of the preset's. NTP default: the preset's matched width, or, with --targets, the width matching the CoCoMix student on those targets.")
@@ -29,7 +31,7 @@ class PretrainConfig:
     eval_every: int = flag(1000, help="Validation perplexity every N steps (0: never).")
     eval_windows: int = flag(64, help="Validation windows per evaluation.")
     save_every: int = flag(1000, help="Checkpoint every N steps (0: only at the end).")
-    keep_last: int = flag(3, help="Checkpoints kept (older ones deleted).")
+    keep_last: int = flag(3, help="Checkpoints kept (older ones deleted); 0 keeps all.")
     log_every: int = flag(10, help="Console/metrics line every N steps.")
     lam: float = flag(0.1, help="Concept-loss weight lambda.")
     precision: str = flag("auto", help="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` (autocast on any device) or `fp32`. Weights and AdamW state stay fp32.")
@@ -51,6 +53,8 @@ class PretrainConfig:
         for name in ("eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.lam >= 0:
+            raise ConfigError(f"--lam must be >= 0 (0 = insertion only, no concept loss), got {self.lam}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
 

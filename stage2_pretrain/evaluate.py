@@ -113,15 +113,16 @@ def load_checkpoint_model(ckpt: Path):
     return AutoModelForCausalLM.from_pretrained(ckpt)
 
 
-def check_tokenizer(ckpt: Path, store, tokens: str) -> None:
-    """The checkpoint's tokenizer (when it has one) must be the store's."""
+def check_tokenizer(ckpt: Path, store, tokens: str, config=None) -> None:
+    """The checkpoint's tokenizer (when it has one) must be the store's. ``config``: the loaded
+    model's (spares AutoTokenizer re-reading config.json as a generic, unregistered config)."""
     if not (Path(ckpt) / "tokenizer.json").exists():
         return
     from transformers import AutoTokenizer
 
     from cocomix.storage.token_store import tokenizer_fingerprint
 
-    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt)) != store.tokenizer_sha256:
+    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt, config=config)) != store.tokenizer_sha256:
         raise MismatchError(f"--tokens {tokens} was made with another tokenizer than checkpoint {ckpt}; pass the token store it was trained on")
 
 
@@ -139,8 +140,8 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 
     ckpt, device = Path(cfg.ckpt), _device(cfg.device)
     store = TokenStore.open(cfg.tokens)
-    check_tokenizer(ckpt, store, cfg.tokens)
     model = load_checkpoint_model(ckpt).to(device)
+    check_tokenizer(ckpt, store, cfg.tokens, config=model.config)
     window = cfg.window or model.config.n_positions
     if window > model.config.n_positions:
         raise ConfigError(f"--window {window} exceeds the model's context of {model.config.n_positions} tokens; pass --window {model.config.n_positions} or less")
@@ -151,8 +152,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     with window_progress(len(spans)) as advance:
         res = evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast, progress=advance)
-    result = EvalResult(str(ckpt), cfg.split, res.ppl, res.loss, res.tokens, res.windows, window, str(ckpt / "eval.json"))
-    atomic_write_json(ckpt / "eval.json", {**asdict(result), "tokens_store": str(cfg.tokens)})
+    name = "eval.json" if cfg.split == "val" else f"eval-{cfg.split}.json"  # another split never replaces val_ppl
+    result = EvalResult(str(ckpt), cfg.split, res.ppl, res.loss, res.tokens, res.windows, window, str(ckpt / name))
+    atomic_write_json(ckpt / name, {**asdict(result), "tokens_store": str(cfg.tokens)})
     _print_table(result)
     return result
 

@@ -155,7 +155,9 @@ def run_record(cfg: PretrainConfig, plan: RunPlan, model, inputs: TrainInputs) -
         "plan": {**plan.to_dict(), "seed": cfg.seed},
         "params": {"total": counts.total, "active": counts.active},
         "tokens": {"path": str(inputs.tokens_path), "provenance": inputs.store.provenance()},
-        "targets": None if inputs.targets is None else {"path": str(inputs.targets_path), "meta": inputs.targets.meta},
+        "targets": None if inputs.targets is None else {
+            "path": str(inputs.targets_path), "meta": inputs.targets.meta,
+            "shards_sha256": [s["sha256"] for s in inputs.targets.manifest["shards"]]},
         "argv": sys.argv,
     }
 
@@ -187,11 +189,20 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
         state = ckpt_io.load_training_state(acc, model, optimizer, scheduler, ckpt)
     if acc.is_main_process:
         truncate_metrics(out, state.step)
-    acc.init_trackers("cocomix", config={k: v for k, v in plan.to_dict().items()})
+    start_trackers(acc, cfg.tracker, plan)
     run = Run(cfg, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, plan, inputs, acc.process_index),
               inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record,
               val_split(inputs.store, cfg.eval_every))
     return run, state
+
+
+def start_trackers(acc, tracker: str | None, plan: RunPlan) -> None:
+    try:
+        acc.init_trackers("cocomix", config=plan.to_dict())
+    except Exception as err:  # e.g. wandb.errors.UsageError without a login
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--tracker {tracker} could not start ({type(err).__name__}: {first}); for wandb run "
+                          "`wandb login` or set WANDB_MODE=offline, or drop --tracker") from None
 
 
 def val_split(store, eval_every: int):

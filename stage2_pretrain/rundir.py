@@ -26,7 +26,8 @@ FINAL = "final"
 OWNED = (RUN_JSON, "metrics.jsonl", CKPT_DIR, FINAL, "trackers")  # what --overwrite deletes
 TRAINING_FILES = ("optimizer.pt", "optimizer", "scheduler.pt", "rng", "trainer_state.json", "complete", "eval.json")
 #: a resumed run must agree with the run.json on these (flag, key in run.json's plan)
-MUST_MATCH = (("--method", "method"), ("--size", "size"), ("--batch-tokens", "batch_tokens"), ("--seed", "seed"))
+MUST_MATCH = (("--method", "method"), ("--size", "size"), ("--batch-tokens", "batch_tokens"), ("--seed", "seed"),
+              ("--lr", "lr"))
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -45,7 +46,10 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def check_resume_matches(out: Path, record: dict) -> None:
-    """A resumed run keeps the method, size, global batch and seed of the run it continues."""
+    """A resumed run keeps what its checkpoint fixed: method, size, global batch, seed, peak lr
+    (the restored scheduler keeps the old one), width (the model is reloaded), and the data:
+    the same tokens (by fingerprint, wherever the store now lives) and the same target shards
+    (by their sha256s). ``--max-steps`` may change; the cosine then ends at the new step."""
     path = out / RUN_JSON
     if not path.exists():
         return
@@ -54,6 +58,32 @@ def check_resume_matches(out: Path, record: dict) -> None:
         old, new = before["plan"].get(key), record["plan"].get(key)
         if old is not None and old != new:
             raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old} or start another --out")
+    old_width, new_width = before["config"].get("width"), record["config"].get("width")
+    if new_width is not None and new_width != old_width:
+        raise ConfigError(f"--resume: --width was {old_width or 'the preset width'} in {out} but is {new_width} now; "
+                          "drop --width (the checkpoint fixes the model) or start another --out")
+    for what, flag in (("tokens", "--tokens"), ("targets", "--targets")):
+        if what == "targets" and record["plan"]["method"] == "ntp":
+            continue  # an NTP run reads no targets (they only chose its width, now fixed by the checkpoint)
+        old, new = data_identity(before, what), data_identity(record, what)
+        if old is not None and old != new:
+            was = (before.get(what) or {}).get("path")
+            raise ConfigError(f"--resume: {flag} holds other data than the run in {out} was trained on ({was}); "
+                              f"pass {flag} {was} (or a copy of it) or start another --out")
+    if before["plan"].get("max_steps") != record["plan"].get("max_steps"):
+        log.warning("--resume: --max-steps %s -> %s; the learning-rate schedule now ends at step %s",
+                    before["plan"].get("max_steps"), record["plan"].get("max_steps"), record["plan"].get("max_steps"))
+
+
+def data_identity(record: dict, what: str):
+    """Location-free identity of a run's tokens (store provenance without its path) or targets
+    (the shards' sha256s); None when the record has none (an NTP run's targets)."""
+    entry = record.get(what)
+    if not entry:
+        return None
+    if what == "tokens":
+        return {k: v for k, v in entry["provenance"].items() if k != "path"}
+    return entry.get("shards_sha256")
 
 
 def write_run_json(out: Path, record: dict) -> None:

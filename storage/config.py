@@ -15,6 +15,8 @@ from cocomix.pipeline.errors import ConfigError
 class TokenizeConfig:
     """Tokenize a corpus into a Zarr token store (train/val splits, EOS after each document)."""
 
+    RESUME = "re-run the same command to continue after the last saved document"  #: printed after Ctrl-C (no annotation: not a flag)
+
     corpus: str = flag(help="Hub dataset name (`openwebtext` = the hub's OpenWebText) or a local .txt/.jsonl/.json/.parquet file or folder.")
     out: str | None = flag(None, help="Output token-store folder. Default: <workspace>/tokens/<corpus>.")
     tokenizer: str | None = flag(None, help="Hub id or local folder of a fast tokenizer. Default: openai-community/gpt2 (unless --train-tokenizer).")
@@ -33,8 +35,10 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.num_proc < 1:
-            raise ConfigError(f"--num-proc must be >= 1, got {self.num_proc}")
+        for name in ("num_proc", "batch_size", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.train_tokenizer is not None and self.tokenizer is not None:
             raise ConfigError("pass either --tokenizer or --train-tokenizer, not both")
         if self.chunk_tokens < 1:
@@ -53,6 +57,10 @@ class InspectConfig:
     json: bool = flag(False, help="Print one JSON object instead of tables.")
     samples: int = flag(8, help="Decoded tokens with their labels to show for a target folder.")
     tokens: str | None = flag(None, help="Token store whose tokenizer decodes the sample tokens of a target folder (default: the teacher folder when local).")
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ConfigError(f"--samples must be >= 0, got {self.samples}")
 
 
 @dataclass

@@ -100,3 +100,14 @@ def test_auto_dtype_is_the_official_fp32_on_every_device():
     for device in ("cpu", "cuda"):
         assert compute_dtype(SimpleNamespace(dtype="auto"), torch.device(device)) is None
     assert compute_dtype(SimpleNamespace(dtype="bfloat16"), torch.device("cuda")) is torch.bfloat16
+
+
+@pytest.mark.parametrize("spec, match", [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available"),
+                                          ("gpu0", "not a device")])
+def test_unusable_device_is_one_clear_line(spec, match, monkeypatch):
+    from cocomix.stage1_extract.teacher import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=match):
+        resolve_device(spec)
+    assert resolve_device("cpu") == torch.device("cpu")

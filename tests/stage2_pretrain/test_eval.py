@@ -74,3 +74,19 @@ def test_other_tokenizer_is_refused(tmp_path, token_store, tokenizer_dir):
     PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(tmp_path / "ckpt")
     with pytest.raises(MismatchError, match="--tokens"):
         run_eval(EvalConfig(ckpt=str(tmp_path / "ckpt"), tokens=str(token_store), device="cpu"))
+
+
+def test_another_split_keeps_the_val_result_and_loads_quietly(tmp_path, token_store, tokenizer_dir):
+    import subprocess
+    import sys
+
+    save_model("cocomix", tmp_path / "ckpt", tokenizer_dir)
+    common = dict(ckpt=str(tmp_path / "ckpt"), tokens=str(token_store), window=100, device="cpu")
+    cli = subprocess.run([sys.executable, "-m", "cocomix.pipeline.cli", "eval", str(tmp_path / "ckpt"), "--tokens",
+                          str(token_store), "--window", "100", "--max-windows", "2"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "instantiate a model of type" not in cli.stderr + cli.stdout, cli.stderr
+    val = run_eval(EvalConfig(**common))
+    train = run_eval(EvalConfig(**common, split="train", max_windows=3))
+    assert json.loads((tmp_path / "ckpt" / "eval.json").read_text())["val_ppl"] == val.val_ppl
+    saved = json.loads((tmp_path / "ckpt" / "eval-train.json").read_text())
+    assert saved["split"] == "train" and saved["val_ppl"] == train.val_ppl and saved["windows"] == 3

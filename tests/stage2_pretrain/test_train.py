@@ -167,6 +167,28 @@ def test_resume_refuses_another_global_batch_and_is_a_no_op_when_done(tmp_path, 
     assert [r["step"] for r in records(again.out)] == [1, 2]
 
 
+def test_resume_refuses_flags_and_data_the_checkpoint_fixed(tmp_path, token_store, targets_dir, make_targets):
+    """--lr (the restored scheduler keeps the old one), --width (the model is reloaded) and other
+    tokens or targets would be silently ignored or mixed in; a moved copy of the same data is fine."""
+    import shutil
+
+    run = tmp_path / "run"
+    pretrain(run, token_store, targets_dir, max_steps=2, eval_every=0, save_every=1)
+    resume = dict(max_steps=3, eval_every=0, save_every=1, resume=True)
+    with pytest.raises(ConfigError, match="--lr was"):
+        pretrain(run, token_store, targets_dir, lr=0.5, **resume)
+    with pytest.raises(ConfigError, match="--width was"):
+        pretrain(run, token_store, targets_dir, width=128, **resume)
+    other = make_targets(token_store, tmp_path / "other-targets", seed=1)
+    with pytest.raises(ConfigError, match="--targets holds other data"):
+        pretrain(run, token_store, other, **resume)
+    moved_tokens, moved_targets = tmp_path / "moved" / "tokens", tmp_path / "moved" / "targets"
+    shutil.copytree(token_store, moved_tokens)
+    shutil.copytree(targets_dir, moved_targets)
+    done = pretrain(run, moved_tokens, moved_targets, **resume)
+    assert done.steps == 3 and [r["step"] for r in records(run)] == [1, 2, 3]
+
+
 def test_bf16_autocast_trains_with_fp32_weights(tmp_path, token_store, targets_dir, caplog):
     """``--precision bf16`` is the GPU default's code path (Accelerate's autocast) run on CPU: the
     losses move off the fp32 ones by bf16 rounding only, and checkpoints keep fp32 weights."""
@@ -228,3 +250,26 @@ def test_adamw_is_the_official_recipe():
     (group,) = opt.param_groups
     assert group["weight_decay"] == 0.1 and group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8 and group["lr"] == 3e-4
     assert len(group["params"]) == len(list(model.parameters())) and any(p.dim() == 1 for p in group["params"])
+
+
+def test_a_tracker_that_cannot_start_is_one_line():
+    from types import SimpleNamespace
+
+    from cocomix.stage2_pretrain.run_setup import start_trackers
+
+    class UsageError(Exception):
+        pass
+
+    def init_trackers(*_, **__):
+        raise UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    plan = make_plan(PretrainConfig(size="tiny", max_steps=2), world=1)
+    with pytest.raises(ConfigError, match="--tracker wandb could not start .UsageError: api_key.*wandb login"):
+        start_trackers(SimpleNamespace(init_trackers=init_trackers), "wandb", plan)
+
+
+@pytest.mark.parametrize("kw, flag", [({"lam": -1.0}, "--lam"), ({"precision": "fp16"}, "--precision"),
+                                      ({"keep_last": -1}, "--keep-last")])
+def test_bad_numbers_name_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        PretrainConfig(**kw)

@@ -151,7 +151,8 @@ def test_missing_field_fails_before_creating_the_store(tmp_path, tokenizer_dir):
 @pytest.mark.parametrize("kw,flag", [
     ({"val_fraction": 1.0}, "--val-fraction"), ({"num_proc": 0}, "--num-proc"), ({"chunk_tokens": 0}, "--chunk-tokens"),
     ({"chunk_tokens": 100, "shard_tokens": 250}, "--shard-tokens"), ({"train_tokenizer": 100}, "--train-tokenizer"),
-    ({"train_tokenizer": 300, "tokenizer": "x"}, "--tokenizer"),
+    ({"train_tokenizer": 300, "tokenizer": "x"}, "--tokenizer"), ({"batch_size": 0}, "--batch-size"),
+    ({"max_docs": 0}, "--max-docs"), ({"max_docs": -5}, "--max-docs"),
 ])
 def test_config_errors_name_the_flag(kw, flag):
     from cocomix.pipeline.errors import ConfigError
