@@ -26,6 +26,7 @@ from cocomix.pipeline.errors import CocomixError
 log = logging.getLogger(__name__)
 
 _SUPPORTED = (str, int, float, bool, Path)
+_METAVARS = {str: "TEXT", int: "INT", float: "FLOAT", Path: "PATH"}  #: bool flags take no value: none shown
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, short: str | None = None) -> Any:
@@ -58,14 +59,14 @@ def _parameter(field: dataclasses.Field, tp: Any) -> inspect.Parameter:
     meta = field.metadata
     default = field.default if field.default is not dataclasses.MISSING else ...
     if meta.get("positional"):
-        info = typer.Argument(default, help=meta.get("help", ""), show_default=default is not ...)
+        info = typer.Argument(default, help=meta.get("help", ""), show_default=default is not ..., metavar=field.name.upper())
     else:
         names = [flag_name(field.name)]
         if base is bool:
             names = [f"{flag_name(field.name)}/--no-{field.name.replace('_', '-')}"]
         if meta.get("short"):
             names.append(meta["short"])
-        info = typer.Option(default, *names, help=meta.get("help", ""))
+        info = typer.Option(default, *names, help=meta.get("help", ""), metavar=_METAVARS.get(base))
     annotation = typing.Optional[base] if optional else base
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
