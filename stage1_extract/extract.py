@@ -12,6 +12,7 @@ the same flags recomputes only unfinished shards, and the bytes equal an uninter
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
-from cocomix.storage.target_writer import sidecar_path
+from cocomix.storage.target_reader import load_manifest
+from cocomix.storage.target_writer import folder_identity, sidecar_path
 from cocomix.storage.targets import MANIFEST, PLAN, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
 
@@ -157,12 +159,46 @@ def written(out: Path, shard) -> bool:
 
 
 def finalize(writer, out: Path, stats: dict) -> None:
-    """Write the manifest, unless this run found everything finished and the manifest in place."""
-    if stats["shards_computed"] == 0 and (out / MANIFEST).is_file():
+    """Write the manifest, unless this run found everything finished and a manifest in place
+    that readers accept and that describes this folder's plan and verified shards."""
+    problem = manifest_problem(writer, out) if stats["shards_computed"] == 0 else "shards were computed"
+    if problem is None:
         log.info("%s was already complete (every shard verified); manifest kept", out)
     else:
+        if stats["shards_computed"] == 0:
+            log.warning("every shard of %s is verified, but its %s cannot be kept (%s); rewriting it", out, MANIFEST, problem)
         writer.finalize(extra=stats)
     print_summary(stats, out)
+
+
+def manifest_problem(writer, out: Path) -> str | None:
+    """Why the manifest of a folder whose shards are all verified must be rewritten; None if it can stay.
+
+    It must load as readers load it (``load_manifest``), carry plan.json's settings and identity
+    (paths that only locate an input may differ: ``folder_identity``), and list exactly the
+    verified shards' sidecars with the split lengths they cover.
+    """
+    try:
+        manifest = load_manifest(out)
+    except CocomixError as err:
+        return str(err)
+    except AttributeError:  # valid JSON, but not an object
+        return f"{out / MANIFEST} is not a JSON object"
+    plan = json.loads((out / PLAN).read_text())
+    for key in sorted(set(plan) - {"format", "meta", "shards"}):
+        if manifest.get(key) != plan[key]:
+            return f"its {key} is {manifest.get(key)!r}, {PLAN} says {plan[key]!r}"
+    if folder_identity(manifest)["meta"] != folder_identity(plan)["meta"]:
+        return f"its meta differs from {PLAN}"
+    sidecars = [json.loads(sidecar_path(out / s.relpath).read_text()) for s in writer.plan]
+    if manifest.get("shards") != sidecars:
+        return "its shard list differs from the verified shards"
+    lengths: dict[str, int] = {}
+    for s in writer.plan:
+        lengths[s.split] = max(lengths.get(s.split, 0), s.end)
+    if manifest.get("splits") != lengths:
+        return f"its split lengths {manifest.get('splits')} differ from the plan's {lengths}"
+    return None
 
 
 def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:

@@ -17,19 +17,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cocomix.pipeline.logs import console
+from cocomix.pipeline.progress import progress_display
 
 
 class ExtractProgress:
-    """Context manager around a rich bar over this process's pending tokens."""
+    """Context manager around a rich bar (plain lines when not on a terminal) over this process's pending tokens."""
 
     def __init__(self, total_tokens: int, total_shards: int, enabled: bool) -> None:
-        self.progress = Progress(
+        self.progress = progress_display(
             TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[shards]}"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            unit="tok", plain_extra="{task.fields[shards]}",
             console=console, disable=not enabled, transient=False,
         )
         self.task = self.progress.add_task("extract", total=max(total_tokens, 1), shards="", rate="")

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError
 from cocomix.pipeline.logs import console
+from cocomix.pipeline.progress import BYTES, progress_display
 from cocomix.pipeline.workspace import cache_dir as workspace_cache, workspace_root
 from cocomix.storage.files import atomic_replace, atomic_write_bytes, sha256_file
 
@@ -116,7 +117,7 @@ def _stream(url: str, tmp: Path) -> str:
 
 
 def _progress() -> Progress:
-    return Progress(
+    return progress_display(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        unit=BYTES, console=console, transient=True,
     )

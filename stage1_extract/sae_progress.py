@@ -4,21 +4,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cocomix.pipeline.logs import console, process_rank
+from cocomix.pipeline.progress import progress_display
 
 
 class SaeTrainProgress:
-    """Context manager around a rich bar counting training activations (tokens)."""
+    """Context manager around a rich bar (plain lines when not on a terminal) counting training activations (tokens)."""
 
     def __init__(self, total_tokens: int) -> None:
-        self.progress = Progress(
+        self.progress = progress_display(
             TextColumn("[bold]sae train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            unit="tok", plain_extra="{task.fields[stats]}",
             console=console, disable=process_rank() != 0,
         )
-        self.task = self.progress.add_task("sae train", total=total_tokens, info="")
+        self.task = self.progress.add_task("sae train", total=total_tokens, info="", stats="")
         self.t0 = time.monotonic()
         self.tokens = 0
         self.fvu_ema: float | None = None
@@ -34,8 +36,8 @@ class SaeTrainProgress:
         self.tokens += tokens
         self.fvu_ema = stats.fvu if self.fvu_ema is None else 0.9 * self.fvu_ema + 0.1 * stats.fvu
         rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
-        info = f"{rate:,.0f} tok/s  fvu {self.fvu_ema:.3f}  l0 {stats.l0:.1f}  dead {dead_fraction:.1%}"
-        self.progress.update(self.task, advance=tokens, info=info)
+        quality = f"fvu {self.fvu_ema:.3f}  l0 {stats.l0:.1f}  dead {dead_fraction:.1%}"
+        self.progress.update(self.task, advance=tokens, info=f"{rate:,.0f} tok/s  {quality}", stats=quality)
 
 
 def print_summary(result: Any) -> None:

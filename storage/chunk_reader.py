@@ -6,7 +6,10 @@ layout is ours and simple -- a local folder, a regular 1-D grid, ``bytes`` (litt
 + ``zstd``, optionally inside ``sharding_indexed`` with the index at the end -- so this
 reader decodes exactly those chunk files with numcodecs' Zstd (the codec zarr itself
 uses). Any other layout returns ``None`` from :func:`chunk_reader` and the caller keeps
-using zarr. Tests check both paths agree; ``verify`` reads through zarr.
+using zarr. Tests check both paths agree; ``verify`` reads through both.
+
+Every file of the written length must exist and decode: a missing or damaged one raises
+:class:`IntegrityError` naming it (zarr would read a missing file as ``fill_value``).
 """
 from __future__ import annotations
 
@@ -17,11 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
+from cocomix.pipeline.errors import IntegrityError
+
 log = logging.getLogger(__name__)
 
 CACHE_CHUNKS = 8
 CACHE_INDEXES = 64
 _EMPTY = np.uint64(2**64 - 1)
+FIX = "re-run `cocomix tokenize` with the same flags into a new --out, or restore the file"
+
+
+def missing_file(store: Path, file: Path) -> IntegrityError:
+    return IntegrityError(f"the token store {store} is damaged: chunk file {file} is missing; {FIX}")
+
+
+def damaged_file(store: Path, file: Path, why: str) -> IntegrityError:
+    return IntegrityError(f"the token store {store} is damaged: chunk file {file} cannot be decoded ({why}); {FIX}")
 
 
 def _plain_codecs(codecs: list) -> bool:
@@ -40,8 +54,8 @@ def _sharding(codecs: list) -> dict | None:
     return conf if ok else None
 
 
-def chunk_reader(array_dir: Path) -> "ChunkReader | None":
-    """A fast reader for the array in ``array_dir``, or None when its layout is not the simple one."""
+def chunk_reader(array_dir: Path, store: Path | None = None) -> "ChunkReader | None":
+    """A fast reader for the array in ``array_dir`` (of token store ``store``), or None when its layout is not the simple one."""
     meta = json.loads((Path(array_dir) / "zarr.json").read_text())
     grid = meta["chunk_grid"]
     key = meta["chunk_key_encoding"]
@@ -50,16 +64,17 @@ def chunk_reader(array_dir: Path) -> "ChunkReader | None":
     sharding = _sharding(meta["codecs"])
     if sharding is None and not _plain_codecs(meta["codecs"]):
         return None
-    return ChunkReader(Path(array_dir), meta, sharding)
+    return ChunkReader(Path(array_dir), meta, sharding, store)
 
 
 class ChunkReader:
     """Reads ``[start, stop)`` of one 1-D array; keeps the last few decoded chunks."""
 
-    def __init__(self, folder: Path, meta: dict, sharding: dict | None) -> None:
+    def __init__(self, folder: Path, meta: dict, sharding: dict | None, store: Path | None = None) -> None:
         from numcodecs import Zstd
 
         self.folder = folder
+        self.store = store or folder
         self.length = int(meta["shape"][0])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.fill = meta.get("fill_value", 0)
@@ -90,41 +105,72 @@ class ChunkReader:
             self._chunks.move_to_end(i)
             return self._chunks[i]
         raw = self._raw_chunk(i)
-        data = np.full(self.chunk, self.fill, self.dtype) if raw is None else np.frombuffer(self.zstd.decode(raw), self.dtype)
+        data = np.full(self.chunk, self.fill, self.dtype) if raw is None else self._decode(raw, i)
         self._chunks[i] = data
         if len(self._chunks) > CACHE_CHUNKS:
             self._chunks.popitem(last=False)
         return data
 
+    def _decode(self, raw: bytes, i: int) -> np.ndarray:
+        file = self._file(i // self.per_shard)
+        try:
+            data = self.zstd.decode(raw)
+        except Exception as err:  # noqa: BLE001 - zstd reports a corrupt frame as RuntimeError or ValueError
+            raise damaged_file(self.store, file, f"chunk {i}: {err}") from None
+        if len(data) != self.chunk * self.dtype.itemsize:
+            raise damaged_file(self.store, file, f"chunk {i} holds {len(data)} bytes, expected {self.chunk * self.dtype.itemsize}")
+        return np.frombuffer(data, self.dtype)
+
     def _file(self, outer: int) -> Path:
         return self.folder / f"c{self.sep}{outer}"
 
     def _raw_chunk(self, i: int) -> bytes | None:
+        """The encoded chunk; None for an inner chunk zarr left empty (all ``fill_value``)."""
         if not self.sharded:
-            file = self._file(i)
-            return file.read_bytes() if file.exists() else None
+            return self._read(self._file(i), 0, -1)
         shard, inner = divmod(i, self.per_shard)
         index = self._index(shard)
-        if index is None or index[inner, 0] == _EMPTY:
+        if index[inner, 0] == _EMPTY:
             return None
-        offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
-        with open(self._file(shard), "rb") as f:
-            f.seek(offset)
-            return f.read(nbytes)
+        return self._read(self._file(shard), int(index[inner, 0]), int(index[inner, 1]))
 
-    def _index(self, shard: int) -> np.ndarray | None:
-        """[per_shard, 2] (offset, nbytes) of the inner chunks; None for a missing shard."""
+    def _read(self, file: Path, offset: int, nbytes: int) -> bytes:
+        try:
+            with open(file, "rb") as f:
+                f.seek(offset)
+                return f.read(nbytes)
+        except FileNotFoundError:
+            raise missing_file(self.store, file) from None
+        except OSError as err:
+            raise damaged_file(self.store, file, str(err)) from None
+
+    def _index(self, shard: int) -> np.ndarray:
+        """[per_shard, 2] (offset, nbytes) of the inner chunks, checked against the file's size and crc32c."""
         if shard in self._indexes:
             self._indexes.move_to_end(shard)
             return self._indexes[shard]
         file = self._file(shard)
-        index = None
-        if file.exists():
-            size = self.per_shard * 16 + (4 if self.index_crc else 0)
-            with open(file, "rb") as f:
-                f.seek(-size, 2)
-                index = np.frombuffer(f.read(size)[: self.per_shard * 16], dtype="<u8").reshape(self.per_shard, 2)
+        size = self.per_shard * 16 + (4 if self.index_crc else 0)
+        try:
+            total = file.stat().st_size
+        except FileNotFoundError:
+            raise missing_file(self.store, file) from None
+        if total < size:
+            raise damaged_file(self.store, file, f"{total} bytes, too short for its {size}-byte index")
+        data = self._read(file, total - size, size)
+        index = np.frombuffer(data[: self.per_shard * 16], dtype="<u8").reshape(self.per_shard, 2)
+        if self.index_crc and _crc32c(data[:-4]) != data[-4:]:
+            raise damaged_file(self.store, file, "its index fails the crc32c check")
+        used = index[:, 0] != _EMPTY
+        if (index[used, 0] + index[used, 1] > total - size).any():
+            raise damaged_file(self.store, file, "its index points past the end of the file")
         self._indexes[shard] = index
         if len(self._indexes) > CACHE_INDEXES:
             self._indexes.popitem(last=False)
         return index
+
+
+def _crc32c(data: bytes) -> bytes:
+    from numcodecs.checksum32 import crc32c_checksum
+
+    return np.uint32(crc32c_checksum(data)).tobytes()

@@ -121,6 +121,8 @@ def resolve_corpus(source: str, text_field: str = "text") -> Corpus:
     if _looks_like_path(source):
         raise CocomixError(f"corpus path {source} does not exist; pass an existing .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name")
     name = HUB_ALIASES.get(source, source)
+    log.info("--corpus %s is no local path: loading hub dataset %r (offline, the hub client retries for about a "
+             "minute; HF_HUB_OFFLINE=1 fails at once)", source, name)
     return Corpus(source, "hub", text_field, hub_name=name, n_docs=_hub_size(name))
 
 

@@ -4,22 +4,24 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cocomix.pipeline.logs import console, process_rank
+from cocomix.pipeline.progress import progress_display
 
 
 class TokenizeProgress:
-    """Context manager around a rich bar; the rates count only this run's documents."""
+    """Context manager around a rich bar (plain lines when not on a terminal); the rates count only this run's documents."""
 
     def __init__(self, total_docs: int | None, already_done: int) -> None:
-        self.progress = Progress(
+        self.progress = progress_display(
             TextColumn("[bold]tokenize"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            unit="docs", plain_extra="{task.fields[tok_rate]}",
             console=console, disable=process_rank() != 0, transient=False,
         )
-        self.task = self.progress.add_task("tokenize", total=total_docs, completed=already_done, rates="")
+        self.task = self.progress.add_task("tokenize", total=total_docs, completed=already_done, rates="", tok_rate="")
         self.t0 = time.monotonic()
         self.docs = 0
         self.tokens = 0
@@ -35,8 +37,8 @@ class TokenizeProgress:
         self.docs += docs
         self.tokens += tokens
         dt = max(time.monotonic() - self.t0, 1e-9)
-        rates = f"{self.docs / dt:,.0f} docs/s  {self.tokens / dt:,.0f} tok/s"
-        self.progress.update(self.task, advance=docs, rates=rates)
+        tok_rate = f"{self.tokens / dt:,.0f} tok/s"
+        self.progress.update(self.task, advance=docs, rates=f"{self.docs / dt:,.0f} docs/s  {tok_rate}", tok_rate=tok_rate)
 
 
 def print_summary(result: Any, stats: Any) -> None:

@@ -57,8 +57,10 @@ def _create_arrays(group, dtype: np.dtype, chunk_tokens: int, shard_tokens: int)
     shards = {"shards": (shard_tokens,)} if shard_tokens else {}
     for name in SPLITS:
         sub = group.create_group(name)
-        sub.create_array("tokens", shape=(0,), chunks=(chunk_tokens,), dtype=dtype, compressors=_compressors(), fill_value=0, **shards)
-        offsets = sub.create_array("doc_offsets", shape=(1,), chunks=(OFFSET_CHUNK,), dtype=np.int64, compressors=_compressors(), fill_value=0)
+        sub.create_array("tokens", shape=(0,), chunks=(chunk_tokens,), dtype=dtype, compressors=_compressors(), fill_value=0,
+                         config={"write_empty_chunks": True}, **shards)
+        offsets = sub.create_array("doc_offsets", shape=(1,), chunks=(OFFSET_CHUNK,), dtype=np.int64, compressors=_compressors(),
+                                   fill_value=0, config={"write_empty_chunks": True})
         offsets[:] = np.zeros(1, dtype=np.int64)
 
 
@@ -102,7 +104,9 @@ class StoreWriter:
         return writer
 
     def _array(self, split: str, name: str):
-        return self.group[split][name]
+        # zarr skips chunks equal to the fill value (0, often EOS); every chunk gets its file, so a
+        # missing one always means damage (readers refuse it)
+        return self.group[split][name].with_config({"write_empty_chunks": True})
 
     def add(self, split: str, tokens: np.ndarray) -> None:
         """Accept one document (EOS already appended) for ``split``."""

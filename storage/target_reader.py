@@ -18,6 +18,7 @@ from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
 )
+from cocomix.storage.target_writer import LOCKS
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def load_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except ValueError as err:
         raise IntegrityError(f"{file} is not valid JSON ({err}); run the extract again to rewrite it") from None
-    if manifest.get("format") != FORMAT:
-        raise IntegrityError(f"{file} is not a cocomix target manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise IntegrityError(f"{file} is not a cocomix target manifest (format {found!r}); run the extract again to rewrite it")
     if manifest.get("schema_version") != TARGETS_SCHEMA_VERSION:
         raise IntegrityError(f"{file} has schema_version {manifest.get('schema_version')}, this cocomix reads {TARGETS_SCHEMA_VERSION}; re-run the extract")
     return manifest
@@ -88,6 +90,7 @@ class TargetReader:
         self._by_split = {s: sorted((e for e in manifest["shards"] if e["split"] == s), key=lambda e: e["start"]) for s in self.splits}
         self._starts = {s: [e["start"] for e in entries] for s, entries in self._by_split.items()}
         self._open: OrderedDict[str, _Shard] = OrderedDict()
+        self._checked: set[str] = set()
 
     @classmethod
     def open(cls, path, verify: bool = False) -> "TargetReader":
@@ -113,6 +116,23 @@ class TargetReader:
             raise IntegrityError(f"shard {entry['path']} is missing from {self.path}; run the extract again")
         if sha256_file(file) != entry["sha256"]:
             raise IntegrityError(f"shard {entry['path']} fails its sha256 check (corrupt or modified); delete it and run the extract again")
+        self._checked.add(entry["path"])
+
+    def check_unchanged(self, entry: dict, file: Path) -> None:
+        """Size against the manifest, then sha256 -- skipped when the writer's stamp shows the file unchanged since it was hashed."""
+        if entry["path"] in self._checked:
+            return
+        st = file.stat()
+        if "bytes" in entry and st.st_size != entry["bytes"]:
+            raise IntegrityError(f"shard {entry['path']} has {st.st_size} bytes, its manifest says {entry['bytes']} (truncated or modified); delete it and run the extract again")
+        stamp = self.path / LOCKS / f"{entry['split']}-{Path(entry['path']).stem}.stamp"
+        try:
+            trusted = json.loads(stamp.read_text()) == {"sha256": entry["sha256"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except (OSError, ValueError):
+            trusted = False
+        if not trusted:
+            self.check_checksum(entry)
+        self._checked.add(entry["path"])
 
     def shard_views(self, entry: dict) -> _Shard:
         """Memory-map one shard and return zero-copy views (cached, at most OPEN_SHARDS open)."""
@@ -132,6 +152,7 @@ class TargetReader:
         file = safe_path(self.path, entry["path"])
         if not file.is_file():
             raise IntegrityError(f"shard {entry['path']} is missing from {self.path}; run the extract again")
+        self.check_unchanged(entry, file)
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
             batch = reader.get_batch(0) if reader.num_record_batches == 1 else None

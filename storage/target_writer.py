@@ -71,7 +71,9 @@ class TargetWriter:
         plan_file = self.out / PLAN
         if plan_file.is_file():
             old = json.loads(plan_file.read_text())
-            if old == record:
+            if folder_identity(old) == folder_identity(record):
+                if old != record:
+                    log.info("%s: inputs found at other paths, same content (sha256 / fingerprint); resuming", self.out)
                 return
             if not overwrite:
                 raise MismatchError(f"{self.out} holds targets made with different settings ({_diff(old, record)}); pass --overwrite to replace them or choose another --out")
@@ -154,9 +156,13 @@ class TargetWriter:
             return None
 
     def _write_stamp(self, spec: ShardSpec, shard: Path, sha256: str) -> None:
+        """Best effort: a stamp is only a cache (a lost race with another writer costs a re-hash)."""
         stamp = self._lock_path(spec, ".stamp")
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp, {"sha256": sha256, **_file_stat(shard)})
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(stamp, {"sha256": sha256, **_file_stat(shard)})
+        except OSError as err:
+            log.debug("stamp %s not written: %s", stamp, err)
 
     # ---- writing ----------------------------------------------------------------------------
     def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores) -> dict:
@@ -250,16 +256,97 @@ def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spe
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def folder_identity(record: dict) -> dict:
+    """What must match for a run to continue a target folder: ``record`` (plan.json or
+    manifest.json) without the paths that only say where an input was found.
+
+    A local teacher is its weights' sha256 (its ``id`` is the folder it was read from), an SAE
+    its file's sha256 (``source`` is the spec as typed), a token store its content provenance
+    (corpus fingerprint, tokenizer sha256, split, counts; ``path``, the corpus ``source`` and the
+    tokenizer ``name`` are spellings). A hub teacher has no sha256: its id and revision count.
+    The paths stay in the record for provenance.
+    """
+    meta = dict(record.get("meta") or {})
+    meta = _without(meta, "teacher", "id", hashed_by="sha256")
+    meta = _without(meta, "sae", "source", hashed_by="sha256")
+    tokens = meta.get("tokens")
+    if isinstance(tokens, dict) and (tokens.get("corpus") or {}).get("fingerprint"):
+        tokens = {k: v for k, v in tokens.items() if k != "path"}
+        tokens = _without(tokens, "corpus", "source", hashed_by="fingerprint")
+        meta["tokens"] = _without(tokens, "tokenizer", "name", hashed_by="sha256")
+    return {**record, "meta": meta}
+
+
+def _without(parent: dict, part: str, key: str, *, hashed_by: str) -> dict:
+    """``parent`` with ``parent[part]`` less ``key`` when that part carries a ``hashed_by`` content hash."""
+    value = parent.get(part)
+    if isinstance(value, dict) and value.get(hashed_by):
+        return {**parent, part: {k: v for k, v in value.items() if k != key}}
+    return parent
+
+
+_ABSENT = "(absent)"
+
+
 def _diff(old: dict, new: dict) -> str:
-    """Which top-level (and meta) keys differ, naming both values briefly."""
+    """What differs between two plan records, leaf by leaf with both values (paths that only
+    locate an input are left out, as :func:`folder_identity`); a changed shard plan in words."""
+    old, new = folder_identity(old), folder_identity(new)
     parts = []
     for key in sorted(set(old) | set(new)):
-        if key == "meta":
-            continue
-        if old.get(key) != new.get(key):
-            parts.append(f"{key}: {str(old.get(key))[:60]} vs {str(new.get(key))[:60]}")
-    om, nm = old.get("meta", {}), new.get("meta", {})
-    for key in sorted(set(om) | set(nm)):
-        if om.get(key) != nm.get(key):
-            parts.append(f"meta.{key}: {str(om.get(key))[:80]} vs {str(nm.get(key))[:80]}")
-    return "; ".join(parts[:4]) or "unknown difference"
+        if key == "shards":
+            if old.get(key) != new.get(key):
+                parts += _plan_diff(old.get(key) or [], new.get(key) or [], old.get("meta", {}).get("window"), new.get("meta", {}).get("window"))
+        else:
+            parts += _leaf_diffs(old.get(key, _ABSENT), new.get(key, _ABSENT), key)
+    shown = parts[:6]
+    if len(parts) > len(shown):
+        shown.append(f"and {len(parts) - len(shown)} more")
+    return "; ".join(shown) or "unknown difference"
+
+
+def _leaf_diffs(old: Any, new: Any, where: str) -> list[str]:
+    """``where.key: old vs new`` for every leaf that differs (dicts are walked, other values compared whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = []
+        for key in sorted(set(old) | set(new), key=str):
+            parts += _leaf_diffs(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{where}.{key}")
+        return parts
+    return [] if old == new else [f"{where}: {_brief(old)} vs {_brief(new)}"]
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _plan_diff(old: list, new: list, old_window: Any, new_window: Any) -> list[str]:
+    """A changed shard plan in words: splits, split lengths, windows (or tokens) per shard."""
+    parts = []
+    lo, ln = _split_lengths(old), _split_lengths(new)
+    if sorted(lo) != sorted(ln):
+        parts.append(f"splits: {', '.join(sorted(lo)) or 'none'} vs {', '.join(sorted(ln)) or 'none'}")
+    parts += [f"tokens of split {s}: {lo[s]} vs {ln[s]}" for s in sorted(lo) if s in ln and lo[s] != ln[s]]
+    so, sn = _shard_tokens(old), _shard_tokens(new)
+    if so != sn:
+        if old_window == new_window and isinstance(new_window, int) and so and sn and so % new_window == sn % new_window == 0:
+            parts.append(f"windows per shard: {so // new_window} vs {sn // new_window}")
+        else:
+            parts.append(f"tokens per shard: {so or 'one shard per split'} vs {sn or 'one shard per split'}")
+    return parts or [f"shard plan: {len(old)} vs {len(new)} shards"]
+
+
+def _split_lengths(shards: list) -> dict[str, int]:
+    lengths: dict[str, int] = {}
+    for s in shards:
+        lengths[s.get("split")] = max(lengths.get(s.get("split"), 0), int(s.get("end") or 0))
+    return lengths
+
+
+def _shard_tokens(shards: list) -> int | None:
+    """Tokens per shard of a plan: the first shard of a split cut in several (None if none is)."""
+    splits = [s.get("split") for s in shards]
+    for s in shards:
+        if s.get("index") == 0 and splits.count(s.get("split")) > 1:
+            return int(s["end"]) - int(s["start"])
+    return None

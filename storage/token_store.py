@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError
-from cocomix.storage.chunk_reader import chunk_reader
+from cocomix.storage.chunk_reader import chunk_reader, damaged_file, missing_file
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,16 @@ class TokenSplit:
         self._offsets = group["doc_offsets"]
         self.n_tokens = int(self._tokens.shape[0])
         self.n_docs = int(self._offsets.shape[0]) - 1
-        self._fast = chunk_reader(folder / "tokens") if folder is not None else None
+        self._folder = folder
+        self._fast = chunk_reader(folder / "tokens", folder.parent) if folder is not None else None
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    @property
+    def direct(self) -> bool:
+        """True when :meth:`read` decodes the chunk files itself instead of going through zarr."""
+        return self._fast is not None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` as a 1-D array (clipped to the split)."""
@@ -80,7 +86,37 @@ class TokenSplit:
         stop = min(stop, self.n_tokens)
         if self._fast is not None:
             return self._fast.read(start, stop)
+        return self.read_zarr(start, stop)
+
+    def read_zarr(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` through zarr, after checking their files exist; a file that fails to decode is named."""
+        files = self.files(start, stop)
+        for _, _, file in files:
+            if not file.is_file():
+                raise missing_file(self._folder.parent, file)
+        try:
+            return self._tokens[start:stop]
+        except Exception:  # noqa: BLE001 - a corrupt chunk surfaces as a codec error of any type
+            pass
+        for lo, hi, file in files:
+            try:
+                self._tokens[lo:hi]
+            except Exception as err:  # noqa: BLE001
+                raise damaged_file(self._folder.parent, file, f"{type(err).__name__}: {err}") from None
         return self._tokens[start:stop]
+
+    def files(self, start: int, stop: int) -> list[tuple[int, int, Path]]:
+        """``(lo, hi, file)`` of each chunk (or shard) file holding tokens of ``[start, stop)``; none without a folder."""
+        stop = min(stop, self.n_tokens)
+        if self._folder is None or stop <= start:
+            return []
+        arr = self._tokens
+        block = int((arr.shards or arr.chunks)[0])
+        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+        return [
+            (i * block, min((i + 1) * block, self.n_tokens), self._folder / "tokens" / encode((i,)))
+            for i in range(start // block, (stop - 1) // block + 1)
+        ]
 
     def doc_offsets(self) -> np.ndarray:
         """int64 [n_docs + 1]: start of each document, then the split's end."""
@@ -88,7 +124,7 @@ class TokenSplit:
 
     @property
     def tokens_array(self) -> Any:
-        """The underlying Zarr array (``verify`` reads through it, independent of the fast path)."""
+        """The underlying Zarr array."""
         return self._tokens
 
 

@@ -71,10 +71,11 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     corpus.probe()
     identity = _identity(cfg, corpus)
     attrs = _existing_attrs(out)
-    if attrs is not None and attrs.get("identity") == identity and attrs.get("complete"):
+    same = attrs is not None and _same_identity(attrs.get("identity"), identity)
+    if same and attrs.get("complete"):
         log.info("token store %s is already complete; nothing to do", out)
         return TokenizeResult(out, attrs["counts"], attrs["vocab_size"], already_complete=True)
-    if attrs is not None and attrs.get("identity") != identity:
+    if attrs is not None and not same:
         _refuse_or_clear(out, attrs, identity, cfg.overwrite)
         attrs = None
     writer, tok = _resume(out) if attrs is not None else (None, None)
@@ -106,6 +107,27 @@ def _identity(cfg: TokenizeConfig, corpus: Corpus) -> dict:
     }
 
 
+def _comparable(identity: dict | None) -> dict:
+    """The content of a store identity: the corpus fingerprint, tokenizer sha256 and settings.
+
+    ``corpus.source`` and the tokenizer ``name`` only say how the inputs were spelled on the
+    command line (``corpus`` vs ``corpus/`` vs an absolute path); they are recorded for
+    information and never decide whether a re-run continues a store.
+    """
+    identity = dict(identity or {})
+    corpus = identity.get("corpus")
+    if isinstance(corpus, dict) and corpus.get("fingerprint"):
+        identity["corpus"] = {k: v for k, v in corpus.items() if k != "source"}
+    tokenizer = identity.get("tokenizer")
+    if isinstance(tokenizer, dict) and tokenizer.get("sha256"):
+        identity["tokenizer"] = {k: v for k, v in tokenizer.items() if k != "name"}
+    return identity
+
+
+def _same_identity(old: dict | None, new: dict) -> bool:
+    return _comparable(old) == _comparable(new)
+
+
 def _existing_attrs(out: Path) -> dict | None:
     """Attributes of a store at ``out``; None for a missing or empty folder."""
     from cocomix.storage.token_store import read_store_attrs
@@ -120,7 +142,8 @@ def _existing_attrs(out: Path) -> dict | None:
 def _refuse_or_clear(out: Path, attrs: dict, identity: dict, overwrite: bool) -> None:
     old = attrs.get("identity") or {}
     if not overwrite:
-        keys = [k for k in identity if old.get(k) != identity.get(k)] or list(identity)
+        ours, theirs = _comparable(old), _comparable(identity)
+        keys = [k for k in identity if ours.get(k) != theirs.get(k)] or list(identity)
         raise MismatchError(
             f"{out} holds a token store made with {_describe(old, keys)}, not {_describe(identity, keys)}; "
             "pass --overwrite to replace it or choose another --out"

@@ -160,3 +160,14 @@ def test_config_errors_name_the_flag(kw, flag):
 
     with pytest.raises(ConfigError, match=flag):
         TokenizeConfig(corpus="c", **kw)
+
+
+def test_a_name_that_is_no_local_path_says_it_goes_to_the_hub(monkeypatch, caplog):
+    """A typo'd folder name is a hub dataset name to us; say so before the hub client's retries."""
+    from cocomix.storage.corpus import resolve_corpus
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with caplog.at_level("INFO", logger="cocomix"):
+        corpus = resolve_corpus("my_corpus_typo")
+    assert corpus.kind == "hub" and "no local path" in caplog.text and "'my_corpus_typo'" in caplog.text
