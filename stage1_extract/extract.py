@@ -215,6 +215,7 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
     sae, info = load_sae(cfg.sae, cache_dir=cache_dir(ws))
     check_sae_matches_teacher(info, teacher.d_model)
     check_sae_hook(info, cfg.layer)
+    check_k_attr(cfg, info)
     sae = sae.to(device).eval().requires_grad_(False)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     for name in splits:
@@ -235,6 +236,14 @@ def ensure_tokenized(cfg: ExtractConfig, tokens_path: Path, dist: Dist) -> None:
 
 
 HOOK_LOCATIONS = (None, "resid_post", "resid_post_mlp")  #: names of "the output of block L" (SAELens, OpenAI)
+
+
+def check_k_attr(cfg: ExtractConfig, info) -> None:
+    """Labels come from the SAE's k active latents (unless ``--attribution-input pre`` scores all
+    of them): more slots than that would only ever hold ``ignore_id``."""
+    if cfg.attribution_input == "post" and cfg.k_attr > info.k:
+        raise ConfigError(f"--k-attr {cfg.k_attr} exceeds the {info.k} latents SAE {info.source} activates per token; "
+                          f"pass --k-attr {info.k} or less")
 
 
 def check_sae_hook(info, layer: int) -> None:

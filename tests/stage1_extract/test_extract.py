@@ -130,6 +130,13 @@ def test_layer_out_of_range(tmp_path, token_store, teacher_dir, openai_sae_file)
         run_extract(config(token_store, teacher_dir, openai_sae_file, tmp_path / "t", layer=3))
 
 
+def test_more_labels_than_active_latents_is_refused(tmp_path, token_store, teacher_dir, openai_sae_file, openai_sae_state):
+    k = openai_sae_state["activation_state_dict"]["k"]
+    with pytest.raises(ConfigError, match=f"--k-attr {k + 1} exceeds the {k} latents"):
+        run_extract(config(token_store, teacher_dir, openai_sae_file, tmp_path / "t", k_attr=k + 1))
+    assert not (tmp_path / "t").exists()
+
+
 def test_sae_width_mismatch(tmp_path, token_store, teacher_dir, sae_factories):
     sae = sae_factories.write_openai(sae_factories.make_state(16, 64, 4), tmp_path / "narrow.pt")
     with pytest.raises(MismatchError, match="16"):
