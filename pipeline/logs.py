@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 console = Console(stderr=True)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # a log file (batch job): long lines rather than rich's 80-column wrapping
 
 
 def process_rank() -> int:

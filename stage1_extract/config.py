@@ -64,7 +64,7 @@ class ExtractConfig:
 class SaeTrainConfig:
     """Train a TopK SAE (Gao et al. recipe) on a teacher's hidden states, streamed from a token store."""
 
-    RESUME = "`sae train` does not resume; re-run it to start over"  #: printed after Ctrl-C (no annotation: not a flag)
+    RESUME = "re-run the same command: training continues from the last save (every --save-every steps)"  #: printed after Ctrl-C (no annotation: not a flag)
 
     teacher: str = flag(help="Teacher: hub id or local folder of a GPT-2-family causal LM.")
     tokens: str = flag(help="Token store whose `train` split feeds the teacher.")
@@ -84,9 +84,12 @@ class SaeTrainConfig:
     eval_tokens: int = flag(65536, help="Held-out activations (the `val` split, else `train`) for the final FVU and L0.")
     seed: int = flag(0, help="Seed for init and data order.")
     device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
-    overwrite: bool = flag(False, help="Replace an existing SAE in --out.")
+    overwrite: bool = flag(False, help="Replace an existing SAE in --out; an unfinished run there with other flags is discarded.")
+    save_every: int = flag(1000, help="Save a resumable state in <out>/.resume every this many steps (0 = never); a re-run with the same flags continues from it.")
 
     def __post_init__(self) -> None:
+        if self.save_every < 0:
+            raise ConfigError(f"--save-every must be >= 0, got {self.save_every}")
         if self.k < 1 or self.k > self.latents:
             raise ConfigError(f"--k must be in [1, --latents], got k={self.k}, latents={self.latents}")
         if self.layer < 0:

@@ -13,14 +13,14 @@ from cocomix.pipeline.progress import progress_display
 class SaeTrainProgress:
     """Context manager around a rich bar (plain lines when not on a terminal) counting training activations (tokens)."""
 
-    def __init__(self, total_tokens: int) -> None:
+    def __init__(self, total_tokens: int, done_tokens: int = 0) -> None:
         self.progress = progress_display(
             TextColumn("[bold]sae train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             unit="tok", plain_extra="{task.fields[stats]}",
             console=console, disable=process_rank() != 0,
         )
-        self.task = self.progress.add_task("sae train", total=total_tokens, info="", stats="")
+        self.task = self.progress.add_task("sae train", total=total_tokens, completed=done_tokens, info="", stats="")
         self.t0 = time.monotonic()
         self.tokens = 0
         self.fvu_ema: float | None = None

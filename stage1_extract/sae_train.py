@@ -12,12 +12,20 @@ The recipe of openai/sparse_autoencoder ``train.py`` (DESIGN.md §4, anchors/sae
 4. step: project out the gradient component parallel to each decoder column, Adam
    (eps 6.25e-10), renormalise decoder columns to unit norm.
 
+Every ``--save-every`` steps the whole training state (weights, Adam, dead counters, data
+position with the shuffle buffer's rows, generator) goes atomically to ``<out>/.resume/``; a
+re-run with the same flags continues from it to the same bytes (CPU) and removes it at the end.
+
 Shape legend: ``N`` activations in a batch, ``D`` width, ``L`` latents, ``K`` TopK k.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from cocomix.pipeline.configs import flag_name
 from cocomix.pipeline.errors import CocomixError
 from cocomix.stage1_extract.config import SaeTrainConfig
 from cocomix.stage1_extract.sae import TopKSAE
@@ -32,8 +41,9 @@ from cocomix.stage1_extract.sae_grad import gathered_pre_activations
 from cocomix.stage1_extract.sae_io import COCOMIX_WEIGHTS, save_sae
 from cocomix.stage1_extract.sae_progress import SaeTrainProgress, print_summary
 from cocomix.stage1_extract.sae_setup import open_inputs
-from cocomix.stage1_extract.sae_stream import collect, normalized_activations, shuffled_batches, window_batches
-from cocomix.storage.files import sha256_file
+from cocomix.stage1_extract.sae_stream import (ShuffledBatches, WindowBatches, collect, normalized_activations,
+                                               shuffled_batches, window_batches)
+from cocomix.storage.files import atomic_replace, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +219,14 @@ def evaluate(sae: TopKSAE, x_ND: torch.Tensor, batch: int = 4096) -> EvalStats:
 
 
 def prepare_out(cfg: SaeTrainConfig) -> Path:
-    """``--out`` must be new or empty; with ``--overwrite`` only our own two files are replaced."""
+    """``--out`` must be new, empty or hold only our own files next to a ``.resume`` state; with
+    ``--overwrite`` only our own two files are replaced (``.resume`` is judged by :func:`open_resume`)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise CocomixError(f"--out {out} is a file; pass a folder")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    entries = list(out.iterdir()) if out.exists() else []
+    resumable = (out / RESUME_DIR).is_dir() and all(_is_ours(p) for p in entries)
+    if entries and not cfg.overwrite and not resumable:
         raise CocomixError(f"--out {out} is not empty; pass --overwrite to replace the SAE in it, or another folder")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("cfg.json", COCOMIX_WEIGHTS):
@@ -221,39 +234,205 @@ def prepare_out(cfg: SaeTrainConfig) -> Path:
     return out
 
 
+def _is_ours(path: Path) -> bool:
+    """What ``sae train`` itself writes into ``--out`` (the SAE, its temp files, the resume state)."""
+    name = path.name
+    return name in (RESUME_DIR, "cfg.json", COCOMIX_WEIGHTS) or (
+        name.startswith((f".{COCOMIX_WEIGHTS}", ".cfg.json")) and name.endswith(".tmp"))
+
+
+# ---------------------------------------------------------------- resume state
+#
+#   <out>/.resume/step-0001000/
+#     state.pt    SAE, Adam, dead-latent counters, MSE scale, the data position (generator state,
+#                 window order and position, shuffle buffer rows, unreplayed init-sample rows)
+#     run.json    step and the run's identity (flags, teacher, tokens) a re-run must match
+#     complete    written last; the folder is filled as .step-NNNNNNN.tmp and then renamed
+
+RESUME_DIR = ".resume"
+STATE_FILE = "state.pt"
+RUN_FILE = "run.json"
+MARKER = "complete"
+NOT_COMPARED = ("out", "overwrite", "save_every")  #: flags that do not change what is computed
+_STATE_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+def run_identity(cfg: SaeTrainConfig, inputs) -> dict:
+    """What a saved state must have been trained with for a re-run to continue it."""
+    flags = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_COMPARED}
+    tokens = {k: v for k, v in inputs.store.provenance().items() if k != "path"}
+    return {"flags": flags, "teacher": dict(inputs.teacher.info), "tokens": tokens}
+
+
+def saved_states(out: Path) -> list[Path]:
+    """Complete resume states, oldest first."""
+    base = Path(out) / RESUME_DIR
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _STATE_NAME.match(p.name)) and (p / MARKER).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def open_resume(out: Path, cfg: SaeTrainConfig, identity: dict) -> Path | None:
+    """The newest state to continue from, or None; refuses (one line) a state of a run with other flags."""
+    states = saved_states(out)
+    if not states:
+        shutil.rmtree(Path(out) / RESUME_DIR, ignore_errors=True)  # only unfinished temp folders: start over
+        return None
+    saved = json.loads((states[-1] / RUN_FILE).read_text())["identity"]
+    differs = _first_difference(saved, identity)
+    if differs is None:
+        return states[-1]
+    if cfg.overwrite:
+        log.warning("--out %s: discarding an unfinished run made with other settings (%s)", out, differs)
+        shutil.rmtree(Path(out) / RESUME_DIR)
+        return None
+    raise CocomixError(f"--out {out} holds an unfinished sae train run with {differs}; re-run with the same flags "
+                       "to continue it, or pass --overwrite to start over")
+
+
+def _first_difference(saved: dict, now: dict) -> str | None:
+    now = json.loads(json.dumps(now))  # same JSON types as the saved copy
+    for name, value in now["flags"].items():
+        if saved["flags"].get(name, "<unset>") != value:
+            return f"{flag_name(name)} {saved['flags'].get(name, '<unset>')} (now {value})"
+    if saved["teacher"] != now["teacher"]:
+        return f"another --teacher (weights {_short(saved['teacher'])}, now {_short(now['teacher'])})"
+    if saved["tokens"] != now["tokens"]:
+        return "another --tokens store (different tokenizer or corpus)"
+    return None
+
+
+def _short(info: dict) -> str:
+    return str(info.get("sha256") or info.get("revision"))[:12]
+
+
+def save_state(out: Path, run: "TrainRun") -> Path:
+    """Write the state after ``run.step`` steps atomically, then drop older ones."""
+    base = Path(out) / RESUME_DIR
+    final = base / f"step-{run.step:07d}"
+    tmp = base / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(run.state_dict(), tmp / f".{STATE_FILE}.tmp")
+    atomic_replace(tmp / f".{STATE_FILE}.tmp", tmp / STATE_FILE)
+    atomic_write_json(tmp / RUN_FILE, {"step": run.step, "identity": run.identity})
+    atomic_write_bytes(tmp / MARKER, b"")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_dir(base)
+    for old in base.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("sae train: resumable state saved at step %d", run.step)
+    return final
+
+
+@dataclass
+class TrainRun:
+    """Everything that changes while training; ``state_dict`` is what a re-run needs to continue exactly."""
+
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    tracker: DeadTracker
+    mse_scale: float
+    gen: torch.Generator  #: shared by window order, shuffle buffer (and init)
+    windows: WindowBatches
+    stream: ShuffledBatches
+    batches: "Replay"
+    identity: dict
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "mse_scale": self.mse_scale,
+            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+            "adam": self.opt.state_dict(),
+            "dead": {"since": self.tracker.since_L.clone(), "seen": self.tracker.seen},
+            "generator": self.gen.get_state(),
+            "windows": self.windows.state_dict(), "buffer": self.stream.state_dict(),
+            "head": self.batches.head.clone(),
+        }
+
+
+def build_run(cfg: SaeTrainConfig, inputs, identity: dict, saved: Path | None) -> TrainRun:
+    """A fresh run (init from a sample of the stream) or one continued from ``saved``."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    windows = window_batches(inputs.train, cfg.window, cfg.teacher_batch, gen)
+    stream = shuffled_batches(normalized_activations(inputs.teacher, cfg.layer, windows), cfg.batch_tokens,
+                              cfg.buffer_tokens, gen)
+    if saved is None:
+        sample_ND = collect(stream, min(INIT_SAMPLE, max(cfg.batch_tokens, cfg.train_tokens)))
+        sae = init_sae(sample_ND, cfg.latents, cfg.k, gen)
+        mse_scale = 1.0 / (sample_ND - sample_ND.mean(0)).pow(2).mean().item()
+        tracker = DeadTracker(cfg.latents, sample_ND.device)
+        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
+        return TrainRun(sae, opt, tracker, mse_scale, gen, windows, stream, Replay(sample_ND, cfg.batch_tokens, stream), identity)
+    device = inputs.teacher.device
+    state = torch.load(saved / STATE_FILE, map_location="cpu", weights_only=True)
+    sae = TopKSAE(state["sae"]["b_pre"].shape[0], cfg.latents, cfg.k, normalize=True).to(device)
+    sae.load_state_dict(state["sae"])
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
+    opt.load_state_dict(state["adam"])
+    tracker = DeadTracker(cfg.latents, device)
+    tracker.since_L.copy_(state["dead"]["since"])
+    tracker.seen = int(state["dead"]["seen"])
+    gen.set_state(state["generator"].cpu())
+    windows.load_state_dict(state["windows"])
+    buffer = state["buffer"]  # activations live where the teacher computes them
+    stream.load_state_dict({**buffer, "pool": [x.to(device) for x in buffer["pool"]],
+                            "ready": None if buffer["ready"] is None else buffer["ready"].to(device)})
+    log.info("sae train: continuing from %s (step %d)", saved, state["step"])
+    return TrainRun(sae, opt, tracker, float(state["mse_scale"]), gen, windows, stream,
+                    Replay(state["head"].to(device), cfg.batch_tokens, stream), identity, int(state["step"]))
+
+
 def run_sae_train(cfg: SaeTrainConfig) -> SaeTrainResult:
-    """Load teacher and tokens → init from a sample → train on streamed batches → evaluate → save."""
+    """Load teacher and tokens → init from a sample (or load the saved state) → train on streamed batches
+    (saving a resumable state every ``save_every`` steps) → evaluate → save."""
     t0 = time.monotonic()
     out = prepare_out(cfg)
     inputs = open_inputs(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train = shuffled_batches(
-        normalized_activations(inputs.teacher, cfg.layer, window_batches(inputs.train, cfg.window, cfg.teacher_batch, gen)),
-        cfg.batch_tokens, cfg.buffer_tokens, gen)
-    sample_ND = collect(train, min(INIT_SAMPLE, max(cfg.batch_tokens, cfg.train_tokens)))
-    sae = init_sae(sample_ND, cfg.latents, cfg.k, gen)
-    mse_scale = 1.0 / (sample_ND - sample_ND.mean(0)).pow(2).mean().item()
-    tracker = DeadTracker(cfg.latents, sample_ND.device)
+    identity = run_identity(cfg, inputs)
+    run = build_run(cfg, inputs, identity, open_resume(out, cfg, identity))
     steps = max(1, math.ceil(cfg.train_tokens / cfg.batch_tokens))
-    train_loop(sae, _replay(sample_ND, cfg.batch_tokens, train), tracker, cfg, steps, mse_scale)
+    train_loop(run, cfg, steps, out)
+    sae, tracker = run.sae, run.tracker
     held_out = evaluate(sae, collect(normalized_activations(inputs.teacher, cfg.layer, inputs.eval_windows()), cfg.eval_tokens))
     result = SaeTrainResult(out, held_out.fvu, held_out.l0, tracker.dead_fraction(cfg.dead_tokens), steps,
                             tracker.seen, time.monotonic() - t0, "")
     save_sae(sae.cpu(), out, inputs.meta(cfg, result, held_out))
+    shutil.rmtree(out / RESUME_DIR, ignore_errors=True)  # after the SAE: a kill in between only retrains
     result.sha256 = sha256_file(out / COCOMIX_WEIGHTS)
     print_summary(result)
     return result
 
 
-def train_loop(sae: TopKSAE, batches, tracker: DeadTracker, cfg: SaeTrainConfig, steps: int, mse_scale: float) -> None:
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
-    with SaeTrainProgress(steps * cfg.batch_tokens) as progress:
-        for _, x_ND in zip(range(steps), batches):
-            stats = train_step(sae, opt, x_ND, tracker, cfg, mse_scale)
-            progress.advance(len(x_ND), stats, tracker.dead_fraction(cfg.dead_tokens))
+def train_loop(run: TrainRun, cfg: SaeTrainConfig, steps: int, out: Path | None = None) -> None:
+    """Steps ``run.step + 1 .. steps``; a state is saved after every ``cfg.save_every``-th (not the last)."""
+    with SaeTrainProgress(steps * cfg.batch_tokens, done_tokens=run.step * cfg.batch_tokens) as progress:
+        while run.step < steps:
+            x_ND = next(run.batches, None)
+            if x_ND is None:
+                break
+            stats = train_step(run.sae, run.opt, x_ND, run.tracker, cfg, run.mse_scale)
+            run.step += 1
+            progress.advance(len(x_ND), stats, run.tracker.dead_fraction(cfg.dead_tokens))
+            if out is not None and cfg.save_every and run.step % cfg.save_every == 0 and run.step < steps:
+                save_state(out, run)
 
 
-def _replay(sample_ND: torch.Tensor, batch: int, rest):
-    """The init sample is trained on too (it was taken from the stream)."""
-    yield from sample_ND[: len(sample_ND) // batch * batch].split(batch)
-    yield from rest
+class Replay:
+    """The init sample is trained on first (it was taken from the stream), in whole batches, then the rest."""
+
+    def __init__(self, sample_ND: torch.Tensor, batch: int, rest) -> None:
+        self.head, self.batch, self.rest = sample_ND[: len(sample_ND) // batch * batch], batch, rest
+
+    def __iter__(self) -> "Replay":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if len(self.head):
+            x_ND, self.head = self.head[: self.batch], self.head[self.batch:]
+            return x_ND
+        return next(self.rest)

@@ -223,7 +223,8 @@ def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
     rundir.write_run_json(out, record)
     p, plan = record["params"], record["plan"]
     log.info("%s %s: %s parameters, %s active", plan["method"], plan["size"], f"{p['total']:,}", f"{p['active']:,}")
-    log.info("accelerate: %s on %s, %d process(es), mixed precision %s", acc.distributed_type.name, acc.device.type,
+    kind = "single-process" if acc.distributed_type.name == "NO" else acc.distributed_type.name
+    log.info("accelerate: %s on %s, %d process(es), mixed precision %s", kind, acc.device.type,
              acc.num_processes, acc.mixed_precision)
     log.info("batch %s tokens = micro-batch %d x accumulation %d x %d process(es) x context %d; %d steps, lr %.2e -> %.2e",
              f"{plan['batch_tokens']:,}", plan["micro_batch"], plan["accum"], plan["world"], plan["context"],
