@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 from collections import deque
 from typing import Iterable, Iterator, NamedTuple
 
@@ -57,6 +58,7 @@ _worker: Encoder | None = None
 
 def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
     global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it commits, then stops the pool
     _worker = Encoder(tokenizer_json, eos_id, dtype)
 
 

@@ -11,7 +11,10 @@ exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,18 +220,42 @@ def _tokenize_all(cfg: TokenizeConfig, corpus: Corpus, writer: StoreWriter, tok)
     encoder_args = (tok.backend_tokenizer.to_str(), int(tok.eos_token_id), token_dtype(len(tok)).name)
     batches = batched(corpus.documents(skip=start), cfg.batch_size, start, limit)
     last_commit = time.monotonic()
-    with TokenizeProgress(total, start) as bar:
+    with TokenizeProgress(total, start) as bar, deferred_interrupt() as interrupted:
         for batch in encode_stream(batches, encoder_args, cfg.num_proc):
             is_val = val_mask(np.arange(batch.first, batch.first + len(batch.ids)), cfg.val_fraction, cfg.seed)
             for ids, val in zip(batch.ids, is_val):
                 writer.add("val" if val else "train", ids)
             writer.documents_consumed(len(batch.ids))
             writer.flush()
-            if time.monotonic() - last_commit >= COMMIT_SECONDS:
+            stop = interrupted()  # read once: a signal arriving later is handled after the next batch
+            if stop or time.monotonic() - last_commit >= COMMIT_SECONDS:
                 writer.notes.update(replaced_bytes=corpus.stats.replaced_bytes, bad_utf8_docs=corpus.stats.bad_docs)
                 writer.commit()
                 last_commit = time.monotonic()
             bar.advance(len(batch.ids), sum(len(ids) for ids in batch.ids))
+            if stop:
+                raise KeyboardInterrupt  # after committing this batch: a re-run continues from here
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets a flag the loop checks between batches, so the work done is committed
+    first; a second Ctrl-C interrupts at once. Yields the flag's getter (no-op off the main thread)."""
+    hit = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame):
+        hit[0] = True
+        signal.signal(signal.SIGINT, previous)
+        log.warning("interrupted: committing the documents tokenized so far (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) or signal.default_int_handler
+    try:
+        yield lambda: hit[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _finish(writer: StoreWriter, corpus: Corpus, cfg: TokenizeConfig) -> dict:

@@ -97,3 +97,46 @@ def test_killed_run_is_refused_then_resumes_exactly(tmp_path, corpus_dir, tokeni
         np.testing.assert_array_equal(resumed[split][1], uninterrupted[split][1])
     verify_token_store(out)
     assert not list(out.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_ctrl_c_commits_what_was_tokenized_then_resumes_to_the_same_store(tmp_path, tokenizer_dir, num_proc):
+    """SIGINT is taken between batches: the documents tokenized so far are committed (long before
+    the periodic save), the CLI says how to continue, and a re-run completes the identical store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cocomix.storage.store_writer import read_progress
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3000):
+        (corpus / f"doc{i:05d}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n")
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "cocomix.pipeline.cli", "tokenize", "--corpus", str(corpus), "--tokenizer",
+           str(tokenizer_dir), "--out", str(out), "--batch-size", "5", "--num-proc", str(num_proc),
+           "--val-fraction", "0.1"]
+    env = {**os.environ, "COCOMIX_PROGRESS_EVERY": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # plain progress lines: wait until documents are flowing
+        if line.startswith("tokenize ") and "/3,000 docs" in line and not line.startswith("tokenize  0/"):
+            break
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "re-run the same command" in output
+    done = read_progress(out)["docs_done"]
+    assert 0 < done < 3000, (done, output)  # committed at the interrupt, well before the 30 s periodic save
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    tokenize(corpus, tokenizer_dir, tmp_path / "ref", batch_size=5)
+    got, want = read_store(out), read_store(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for split in want:
+        for a, b in zip(got[split], want[split]):
+            np.testing.assert_array_equal(a, b)
