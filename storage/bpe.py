@@ -21,6 +21,9 @@ def load_tokenizer(spec: str) -> Any:
     """A fast tokenizer with an EOS token from a hub id or local folder."""
     from transformers import AutoTokenizer
 
+    if not Path(spec).expanduser().exists():
+        log.info("--tokenizer %s is no local path: loading it from the hub (offline, the hub client retries for "
+                 "about a minute; HF_HUB_OFFLINE=1 fails at once)", spec)
     try:
         tok = AutoTokenizer.from_pretrained(spec)
     except Exception as err:  # noqa: BLE001 - hub/file errors come in many types

@@ -171,3 +171,13 @@ def test_a_name_that_is_no_local_path_says_it_goes_to_the_hub(monkeypatch, caplo
     with caplog.at_level("INFO", logger="cocomix"):
         corpus = resolve_corpus("my_corpus_typo")
     assert corpus.kind == "hub" and "no local path" in caplog.text and "'my_corpus_typo'" in caplog.text
+
+
+def test_a_tokenizer_that_is_no_local_path_says_it_goes_to_the_hub(monkeypatch, caplog):
+    from cocomix.pipeline.errors import CocomixError
+    from cocomix.storage.bpe import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("INFO", logger="cocomix"), pytest.raises(CocomixError, match="hub id"):
+        load_tokenizer("my_tokenizer_typo")
+    assert "no local path" in caplog.text
