@@ -2,7 +2,9 @@
 # One prepared run of the GPU benchmarks at real shapes with random weights (no downloads):
 #   stage 1 at GPT-2-small shapes (d 768, 12 layers, V 50257, 32768 latents, window 1024),
 #   stage 2 at 69m shapes (CoCoMix d 512 vs matched NTP, bf16, fused AdamW, MFU),
-#   SAE decode/train step at GPT-2-small SAE shapes, storage read rates.
+#   SAE decode/train step at GPT-2-small SAE shapes, storage read rates,
+#   and a CUDA smoke run of the shipped FSDP config (bf16 mixed precision, NCCL, 1 process: a small
+#   quickstart chain makes the inputs, then `pretrain` under FSDP, killed and resumed).
 # Usage on a CUDA machine: `bash bench/gpu.sh [OUTDIR]`; each script's output goes to OUTDIR/<name>.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +17,17 @@ run extract python bench/extract.py --gpu-shapes --device cuda
 run pretrain python bench/pretrain.py --gpu-shapes
 run sae python bench/sae.py --full
 run storage python bench/storage.py
+
+# FSDP on CUDA: the CPU suite runs the FSDP path through a shim (tests/stage2_pretrain/fsdp_on_cpu.py);
+# this runs it for real. Tiny inputs from a shortened quickstart, then 40 steps, then --resume to 60.
+fsdp() {
+  local ws="$out/fsdp-ws" run="$out/fsdp-run"
+  rm -rf "$ws" "$run"
+  cocomix quickstart --workspace "$ws" --corpus-mb 0.5 --teacher-steps 100 --student-steps 20 --sae-tokens 200000 || return 1
+  local q="$ws/quickstart" launch=(accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m cocomix.pipeline.cli)
+  "${launch[@]}" pretrain --size tiny --tokens "$q/tokens" --targets "$q/targets" --out "$run" --max-steps 40 --save-every 20 --eval-every 20 || return 1
+  "${launch[@]}" pretrain --size tiny --tokens "$q/tokens" --targets "$q/targets" --out "$run" --max-steps 60 --save-every 20 --eval-every 20 --resume || return 1
+  python -c "import sys; from cocomix.stage2_pretrain.model import CoCoMixForCausalLM as M; M.from_pretrained(sys.argv[1]); print('fsdp checkpoint loads')" "$run/final"
+}
+echo "== fsdp: accelerate launch --config_file configs/accelerate/fsdp.yaml (CUDA)"
+fsdp 2>&1 | tee "$out/fsdp.txt"
