@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +42,9 @@ from cocomix.stage1_extract.sae_progress import SaeTrainProgress, print_summary
 from cocomix.stage1_extract.sae_setup import open_inputs
 from cocomix.stage1_extract.sae_stream import (ShuffledBatches, WindowBatches, collect, normalized_activations,
                                                shuffled_batches, window_batches)
-from cocomix.storage.files import atomic_replace, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from cocomix.storage.files import (atomic_replace, atomic_write_json, complete_step_dirs, publish_step_dir, sha256_file,
+                                  step_dir_name)
+from cocomix.storage.token_store import content_identity
 
 log = logging.getLogger(__name__)
 
@@ -252,25 +253,19 @@ def _is_ours(path: Path) -> bool:
 RESUME_DIR = ".resume"
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
-MARKER = "complete"
 NOT_COMPARED = ("out", "overwrite", "save_every")  #: flags that do not change what is computed
-_STATE_NAME = re.compile(r"^step-(\d{7,})$")
 
 
 def run_identity(cfg: SaeTrainConfig, inputs) -> dict:
     """What a saved state must have been trained with for a re-run to continue it."""
     flags = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_COMPARED}
-    tokens = {k: v for k, v in inputs.store.provenance().items() if k != "path"}
+    tokens = content_identity(inputs.store.provenance())
     return {"flags": flags, "teacher": dict(inputs.teacher.info), "tokens": tokens}
 
 
 def saved_states(out: Path) -> list[Path]:
     """Complete resume states, oldest first."""
-    base = Path(out) / RESUME_DIR
-    if not base.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _STATE_NAME.match(p.name)) and (p / MARKER).exists()]
-    return [p for _, p in sorted(found)]
+    return complete_step_dirs(Path(out) / RESUME_DIR)
 
 
 def open_resume(out: Path, cfg: SaeTrainConfig, identity: dict) -> Path | None:
@@ -310,17 +305,14 @@ def _short(info: dict) -> str:
 def save_state(out: Path, run: "TrainRun") -> Path:
     """Write the state after ``run.step`` steps atomically, then drop older ones."""
     base = Path(out) / RESUME_DIR
-    final = base / f"step-{run.step:07d}"
+    final = base / step_dir_name(run.step)
     tmp = base / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(run.state_dict(), tmp / f".{STATE_FILE}.tmp")
     atomic_replace(tmp / f".{STATE_FILE}.tmp", tmp / STATE_FILE)
     atomic_write_json(tmp / RUN_FILE, {"step": run.step, "identity": run.identity})
-    atomic_write_bytes(tmp / MARKER, b"")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    fsync_dir(base)
+    publish_step_dir(tmp, final)
     for old in base.iterdir():
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

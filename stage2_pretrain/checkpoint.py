@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,14 @@ import numpy as np
 import torch
 
 from cocomix.pipeline.errors import CocomixError
-from cocomix.storage.files import atomic_write_bytes, atomic_write_json, fsync_dir
+from cocomix.storage.files import MARKER, atomic_write_json, complete_step_dirs, publish_step_dir, step_dir_name  # noqa: F401 (MARKER: part of this module's layout)
 
 from .data import DataState
 
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
-MARKER = "complete"
 STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^step-(\d{7,})$")
 
 
 @dataclass
@@ -48,16 +45,12 @@ class TrainerState:
 
 
 def step_dir(out: Path, step: int) -> Path:
-    return Path(out) / CKPT_DIR / f"step-{step:07d}"
+    return Path(out) / CKPT_DIR / step_dir_name(step)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (temp and unmarked folders skipped)."""
-    base = Path(out) / CKPT_DIR
-    if not base.exists():
-        return []
-    found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _NAME.match(p.name)) and (p / MARKER).exists()]
-    return [p for _, p in sorted(found)]
+    return complete_step_dirs(Path(out) / CKPT_DIR)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -132,18 +125,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, *, out: Path, stat
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / STATE_FILE, {"step": state.step, "data": state.data.to_dict(), "world_size": accelerator.num_processes})
-        _publish(tmp, final)
+        publish_step_dir(tmp, final)
         prune(out, keep_last)
     accelerator.wait_for_everyone()
     return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Marker last, then rename: readers only ever see complete folders under ``step-*``."""
-    atomic_write_bytes(tmp / MARKER, b"")
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
-    tmp.rename(final)
-    fsync_dir(final.parent)
 
 
 def prune(out: Path, keep_last: int) -> None:

@@ -164,14 +164,14 @@ def window_progress(total: int):
     """A rich progress bar over windows (windows/s and ETA); yields its advance function."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from cocomix.pipeline.logs import console
+    from cocomix.pipeline.progress import progress_display
 
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("ETA"), TimeRemainingColumn())
     t0, done = time.monotonic(), [0]
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_display(*columns, unit="windows", transient=True) as bar:
         task = bar.add_task("eval", total=total, rate="")
 
         def advance(n: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.storage.files import atomic_write_json, fsync_dir
+from cocomix.storage.token_store import content_identity
 
 from .checkpoint import CKPT_DIR
 
@@ -82,7 +83,7 @@ def data_identity(record: dict, what: str):
     if not entry:
         return None
     if what == "tokens":
-        return {k: v for k, v in entry["provenance"].items() if k != "path"}
+        return content_identity(entry["provenance"])
     return entry.get("shards_sha256")
 
 

@@ -171,6 +171,7 @@ class ChunkReader:
 
 
 def _crc32c(data: bytes) -> bytes:
-    from numcodecs.checksum32 import crc32c_checksum
+    """The 4 little-endian checksum bytes zarr's sharding index carries (numcodecs' CRC32C codec)."""
+    from numcodecs import CRC32C
 
-    return np.uint32(crc32c_checksum(data)).tobytes()
+    return bytes(CRC32C().encode(data))[-4:]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,3 +55,31 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ---- step folders (training checkpoints, resume states) ------------------------------------
+#   <base>/step-NNNNNNN/   filled as .step-NNNNNNN.tmp, marker written last, then renamed
+
+MARKER = "complete"
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def complete_step_dirs(base: Path) -> list[Path]:
+    """The complete ``step-NNNNNNN`` folders of ``base``, oldest first (temp and unmarked ones skipped)."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MARKER).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def publish_step_dir(tmp: Path, final: Path) -> None:
+    """Marker last, then rename: readers only ever see complete folders under ``step-*``."""
+    atomic_write_bytes(tmp / MARKER, b"")
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
+    tmp.rename(final)
+    fsync_dir(final.parent)

@@ -18,7 +18,7 @@ from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
 )
-from cocomix.storage.target_writer import LOCKS
+from cocomix.storage.target_writer import lock_path, stamp_vouches
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ class TargetReader:
         st = file.stat()
         if "bytes" in entry and st.st_size != entry["bytes"]:
             raise IntegrityError(f"shard {entry['path']} has {st.st_size} bytes, its manifest says {entry['bytes']} (truncated or modified); delete it and run the extract again")
-        stamp = self.path / LOCKS / f"{entry['split']}-{Path(entry['path']).stem}.stamp"
-        try:
-            trusted = json.loads(stamp.read_text()) == {"sha256": entry["sha256"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-        except (OSError, ValueError):
-            trusted = False
-        if not trusted:
+        if not stamp_vouches(lock_path(self.path, entry["split"], entry["index"], ".stamp"), file, entry["sha256"]):
             self.check_checksum(entry)
         self._checked.add(entry["path"])
 

@@ -28,6 +28,7 @@ from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, PLAN, TARGETS_SCHEMA_VERSION, ShardSpec, arrow_schema, ignore_id,
 )
+from cocomix.storage.token_store import content_identity, without_when_hashed
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class TargetWriter:
         return [s for i, s in enumerate(self.plan) if i % world == rank and not self.is_done(s)]
 
     def _lock_path(self, spec: ShardSpec, suffix: str) -> Path:
-        return self.out / LOCKS / f"{spec.split}-shard-{spec.index:05d}{suffix}"
+        return lock_path(self.out, spec.split, spec.index, suffix)
 
     def claim(self, spec: ShardSpec) -> bool:
         """Take ``spec`` with a non-blocking exclusive lock; False if another process holds it or it is done."""
@@ -142,18 +143,12 @@ class TargetWriter:
         same = (info.get("start"), info.get("end"), info.get("rows")) == (spec.start, spec.end, spec.rows)
         if not same:
             return False
-        if self._read_stamp(spec) == {"sha256": info.get("sha256"), **_file_stat(shard)}:
+        if stamp_vouches(self._lock_path(spec, ".stamp"), shard, info.get("sha256")):
             return True
         if info.get("sha256") != sha256_file(shard):
             return False
         self._write_stamp(spec, shard, info["sha256"])
         return True
-
-    def _read_stamp(self, spec: ShardSpec) -> dict | None:
-        try:
-            return json.loads(self._lock_path(spec, ".stamp").read_text())
-        except (OSError, ValueError):
-            return None
 
     def _write_stamp(self, spec: ShardSpec, shard: Path, sha256: str) -> None:
         """Best effort: a stamp is only a cache (a lost race with another writer costs a re-hash)."""
@@ -239,6 +234,19 @@ class TargetWriter:
         return self.out / MANIFEST
 
 
+def lock_path(out: Path, split: str, index: int, suffix: str) -> Path:
+    """``.locks/<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
+    return Path(out) / LOCKS / f"{split}-shard-{index:05d}{suffix}"
+
+
+def stamp_vouches(stamp: Path, shard: Path, sha256: str | None) -> bool:
+    """True when ``stamp`` records ``sha256`` for ``shard`` as the file is now (same size and mtime)."""
+    try:
+        return json.loads(stamp.read_text()) == {"sha256": sha256, **_file_stat(shard)}
+    except (OSError, ValueError):
+        return False
+
+
 def _file_stat(path: Path) -> dict:
     st = path.stat()
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -267,22 +275,11 @@ def folder_identity(record: dict) -> dict:
     The paths stay in the record for provenance.
     """
     meta = dict(record.get("meta") or {})
-    meta = _without(meta, "teacher", "id", hashed_by="sha256")
-    meta = _without(meta, "sae", "source", hashed_by="sha256")
-    tokens = meta.get("tokens")
-    if isinstance(tokens, dict) and (tokens.get("corpus") or {}).get("fingerprint"):
-        tokens = {k: v for k, v in tokens.items() if k != "path"}
-        tokens = _without(tokens, "corpus", "source", hashed_by="fingerprint")
-        meta["tokens"] = _without(tokens, "tokenizer", "name", hashed_by="sha256")
+    meta = without_when_hashed(meta, "teacher", "id", hashed_by="sha256")
+    meta = without_when_hashed(meta, "sae", "source", hashed_by="sha256")
+    if isinstance(meta.get("tokens"), dict):
+        meta["tokens"] = content_identity(meta["tokens"])
     return {**record, "meta": meta}
-
-
-def _without(parent: dict, part: str, key: str, *, hashed_by: str) -> dict:
-    """``parent`` with ``parent[part]`` less ``key`` when that part carries a ``hashed_by`` content hash."""
-    value = parent.get(part)
-    if isinstance(value, dict) and value.get(hashed_by):
-        return {**parent, part: {k: v for k, v in value.items() if k != key}}
-    return parent
 
 
 _ABSENT = "(absent)"

@@ -59,6 +59,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def without_when_hashed(parent: dict, part: str, key: str, *, hashed_by: str) -> dict:
+    """``parent`` with ``parent[part]`` less ``key`` when that part carries a ``hashed_by`` content hash."""
+    value = parent.get(part)
+    if isinstance(value, dict) and value.get(hashed_by):
+        return {**parent, part: {k: v for k, v in value.items() if k != key}}
+    return parent
+
+
+def content_identity(provenance: dict | None) -> dict:
+    """A store's provenance (or ``tokenize``'s identity record) without what only locates or spells
+    its inputs: ``path``, the corpus ``source`` when a fingerprint identifies the corpus, the
+    tokenizer ``name`` when its sha256 does. Every resume check compares this, so a moved store
+    or ``corpus/`` vs ``/abs/corpus`` still matches."""
+    identity = {k: v for k, v in (provenance or {}).items() if k != "path"}
+    identity = without_when_hashed(identity, "corpus", "source", hashed_by="fingerprint")
+    return without_when_hashed(identity, "tokenizer", "name", hashed_by="sha256")
+
+
 class TokenSplit:
     """One split: ``len(split)`` tokens, ``n_docs`` documents, random-access reads."""
 
@@ -96,14 +114,13 @@ class TokenSplit:
                 raise missing_file(self._folder.parent, file)
         try:
             return self._tokens[start:stop]
-        except Exception:  # noqa: BLE001 - a corrupt chunk surfaces as a codec error of any type
-            pass
-        for lo, hi, file in files:
-            try:
-                self._tokens[lo:hi]
-            except Exception as err:  # noqa: BLE001
-                raise damaged_file(self._folder.parent, file, f"{type(err).__name__}: {err}") from None
-        return self._tokens[start:stop]
+        except Exception as whole:  # noqa: BLE001 - a corrupt chunk surfaces as a codec error of any type
+            for lo, hi, file in files:  # read file by file to name the damaged one
+                try:
+                    self._tokens[lo:hi]
+                except Exception as err:  # noqa: BLE001
+                    raise damaged_file(self._folder.parent, file, f"{type(err).__name__}: {err}") from None
+            raise damaged_file(self._folder.parent, self._folder, f"{type(whole).__name__}: {whole}") from None
 
     def files(self, start: int, stop: int) -> list[tuple[int, int, Path]]:
         """``(lo, hi, file)`` of each chunk (or shard) file holding tokens of ``[start, stop)``; none without a folder."""

@@ -28,7 +28,8 @@ from cocomix.storage.corpus import Corpus, resolve_corpus
 from cocomix.storage.encode import batched, encode_stream
 from cocomix.storage.progress_ui import TokenizeProgress, print_summary
 from cocomix.storage.store_writer import PROGRESS, StoreWriter, clear_folder
-from cocomix.storage.token_store import FORMAT, SCHEMA_VERSION, TOKENIZER_DIR, token_dtype, tokenizer_fingerprint
+from cocomix.storage.token_store import (FORMAT, SCHEMA_VERSION, TOKENIZER_DIR, content_identity, token_dtype,
+                                        tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +111,8 @@ def _identity(cfg: TokenizeConfig, corpus: Corpus) -> dict:
     }
 
 
-def _comparable(identity: dict | None) -> dict:
-    """The content of a store identity: the corpus fingerprint, tokenizer sha256 and settings.
-
-    ``corpus.source`` and the tokenizer ``name`` only say how the inputs were spelled on the
-    command line (``corpus`` vs ``corpus/`` vs an absolute path); they are recorded for
-    information and never decide whether a re-run continues a store.
-    """
-    identity = dict(identity or {})
-    corpus = identity.get("corpus")
-    if isinstance(corpus, dict) and corpus.get("fingerprint"):
-        identity["corpus"] = {k: v for k, v in corpus.items() if k != "source"}
-    tokenizer = identity.get("tokenizer")
-    if isinstance(tokenizer, dict) and tokenizer.get("sha256"):
-        identity["tokenizer"] = {k: v for k, v in tokenizer.items() if k != "name"}
-    return identity
-
-
 def _same_identity(old: dict | None, new: dict) -> bool:
-    return _comparable(old) == _comparable(new)
+    return content_identity(old) == content_identity(new)
 
 
 def _existing_attrs(out: Path) -> dict | None:
@@ -145,7 +129,7 @@ def _existing_attrs(out: Path) -> dict | None:
 def _refuse_or_clear(out: Path, attrs: dict, identity: dict, overwrite: bool) -> None:
     old = attrs.get("identity") or {}
     if not overwrite:
-        ours, theirs = _comparable(old), _comparable(identity)
+        ours, theirs = content_identity(old), content_identity(identity)
         keys = [k for k in identity if ours.get(k) != theirs.get(k)] or list(identity)
         raise MismatchError(
             f"{out} holds a token store made with {_describe(old, keys)}, not {_describe(identity, keys)}; "
