@@ -12,7 +12,7 @@ from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
-from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
+from cocomix.stage2_pretrain.config import CompareConfig, EvalConfig, PretrainConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ COMMANDS = {
     "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae_train:run_sae_train"),
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
+    "compare": (app, CompareConfig, "cocomix.stage2_pretrain.compare:run_compare"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
 }
 

@@ -55,7 +55,9 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 def _parameter(field: dataclasses.Field, tp: Any) -> inspect.Parameter:
     base, optional = _base_type(tp)
-    assert base in _SUPPORTED, f"config field {field.name}: unsupported type {tp}"
+    many = typing.get_origin(base) is list  # a repeatable option, or a positional taking several values
+    item = typing.get_args(base)[0] if many else base
+    assert item in _SUPPORTED, f"config field {field.name}: unsupported type {tp}"
     meta = field.metadata
     default = field.default if field.default is not dataclasses.MISSING else ...
     if meta.get("positional"):
@@ -66,8 +68,9 @@ def _parameter(field: dataclasses.Field, tp: Any) -> inspect.Parameter:
             names = [f"{flag_name(field.name)}/--no-{field.name.replace('_', '-')}"]
         if meta.get("short"):
             names.append(meta["short"])
-        info = typer.Option(default, *names, help=meta.get("help", ""), metavar=_METAVARS.get(base))
-    annotation = typing.Optional[base] if optional else base
+        info = typer.Option(default, *names, help=meta.get("help", ""), metavar=_METAVARS.get(item))
+    annotation = typing.List[item] if many else base  # noqa: UP006 (typer reads typing.List)
+    annotation = typing.Optional[annotation] if optional else annotation
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 

@@ -61,18 +61,41 @@ class PretrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation perplexity of a checkpoint over non-overlapping windows; writes eval.json beside it."""
+    """Evaluate a checkpoint: perplexity on token stores and lm-evaluation-harness tasks; merges the scores into eval.json beside it."""
 
-    ckpt: str = arg(help="Checkpoint folder (a CoCoMix checkpoint or a stock HF GPT-2 folder).")
-    tokens: str = flag(help="Token store whose split is evaluated.")
-    split: str = flag("val", help="Split to evaluate.")
-    window: int | None = flag(None, help="Window length. Default: the model's context (1024 for the paper's sizes).")
-    max_windows: int | None = flag(None, help="Evaluate at most this many windows.")
-    batch_size: int = flag(8, help="Windows per forward pass.")
+    ckpt: str = arg(help="Checkpoint folder: a CoCoMix checkpoint, or a stock HF GPT-2 folder (NTP checkpoints are one).")
+    tokens: str | None = flag(None, help="Token store whose --split gives the validation perplexity (`val_ppl` in eval.json). Optional when --tasks or --ppl-tokens is given.")
+    split: str = flag("val", help="Split of --tokens to evaluate (another split than `val` goes to eval-<split>.json).")
+    ppl_tokens: list[str] | None = flag(None, help="Another token store to report perplexity on, named after its folder (e.g. an OpenWebText, LAMBADA or WikiText store): repeat the flag or give a comma list. STORE:SPLIT picks a split other than --split.")
+    tasks: str | None = flag(None, help="lm-evaluation-harness tasks, comma-separated, e.g. lambada_openai,wikitext,hellaswag; `paper` = the paper's seven (lambada_openai, wikitext, hellaswag, piqa, social_iqa, arc_easy, winogrande). Needs lm-evaluation-harness (`pip install -e '.\\[eval]'`); the task data sets come from the HF hub unless cached or defined locally (--include-path).")
+    include_path: str | None = flag(None, help="Folder of extra task YAML files for the harness (e.g. tasks reading local JSON data); they take precedence over built-in tasks of the same name.")
+    limit: int | None = flag(None, help="Score at most this many documents per task (quick checks; the scores are then not comparable to full runs).")
+    num_fewshot: int | None = flag(None, help="Few-shot examples per task prompt. Default: each task's own (0 for the paper's tasks).")
+    bootstrap_iters: int = flag(100000, help="Resamples for the bootstrap stderr of perplexity-type task metrics (the harness's default); 0 skips every task stderr.")
+    window: int | None = flag(None, help="Window length for --tokens and --ppl-tokens. Default: the model's context (1024 for the paper's sizes).")
+    max_windows: int | None = flag(None, help="Evaluate at most this many windows per token store.")
+    batch_size: int = flag(8, help="Windows per forward pass (perplexity), requests per forward pass (tasks).")
     device: str = flag("auto", help="`auto`, `cpu`, `cuda` or `cuda:N`.")
 
     def __post_init__(self) -> None:
-        for name in ("window", "max_windows", "batch_size"):
+        for name in ("window", "max_windows", "batch_size", "limit"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "window" else 1):
                 raise ConfigError(f"{flag_name(name)} must be >= {2 if name == 'window' else 1}, got {value}")
+        for name in ("num_fewshot", "bootstrap_iters"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        self.ppl_tokens = [p.strip() for v in self.ppl_tokens or [] for p in v.split(",") if p.strip()] or None
+        if self.tasks is not None and not self.tasks.strip(" ,"):
+            raise ConfigError("--tasks is empty; pass task names such as lambada_openai,hellaswag or `paper`")
+        if not (self.tokens or self.tasks or self.ppl_tokens):
+            raise ConfigError("nothing to evaluate: pass --tokens (validation perplexity), --ppl-tokens or --tasks")
+
+
+@dataclass
+class CompareConfig:
+    """One table of every metric in the eval.json of several runs: perplexities, task accuracies and their average."""
+
+    runs: list[str] = arg(help="Run folders (their final/ checkpoint), checkpoint folders or eval.json files.")
+    plot: str | None = flag(None, help="Also draw the table as bar charts, one panel per metric, into this image file (.png, .pdf, .svg).")
+    json: bool = flag(False, help="Print the table as JSON (for scripts) instead of a rich table.")

@@ -1,19 +1,25 @@
-"""Validation perplexity: ``cocomix eval CKPT --tokens DIR`` and the evaluation inside training.
+"""``cocomix eval CKPT``: perplexity on token stores and lm-evaluation-harness tasks; the evaluation inside training.
 
 Perplexity is ``exp`` of the token-weighted mean next-token cross-entropy over
 non-overlapping windows of a split (a window of n tokens makes n-1 predictions). Both
 model kinds return next-token logits ``[B, T, V]`` (CoCoMix reads them at its concept
 positions), so one loop serves both. Distributed: every rank runs the same number of
 forward passes (FSDP needs that); a rank short of windows repeats one with weight 0.
+
+``cocomix eval`` writes ``<ckpt>/eval.json``: the ``--tokens`` perplexity at the top level
+(``val_ppl``, ``loss``, ``tokens``, ``windows``, ``window``), ``ppl`` (``--ppl-tokens`` store
+name -> the same fields) and ``tasks`` (task -> harness metrics with stderr, see
+:mod:`.harness`). Each part is merged in when done, so a later run of other stores or tasks
+keeps the earlier ones; all input is checked before the first model forward.
 """
 from __future__ import annotations
 
 import json
 import logging
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -79,41 +85,78 @@ def evaluate_split(model, split, spans, *, batch_size: int, device, rank: int = 
 # ----------------------------------------------------------------------------- cocomix eval
 @dataclass
 class EvalResult:
-    """What ``run_eval`` measured and where it wrote it."""
+    """What ``run_eval`` measured and where it wrote it.
+
+    The ``--tokens`` fields (``split`` .. ``window``) are None when no ``--tokens`` was given;
+    ``eval_json`` is the file holding them (``eval-<split>.json`` for another split than ``val``),
+    else ``<ckpt>/eval.json``, which always holds ``ppl`` and ``tasks``.
+    """
 
     ckpt: str
-    split: str
-    val_ppl: float
-    loss: float
-    tokens: int
-    windows: int
-    window: int
     eval_json: str
+    split: str | None = None
+    val_ppl: float | None = None
+    loss: float | None = None
+    tokens: int | None = None
+    windows: int | None = None
+    window: int | None = None
+    ppl: dict[str, dict] = field(default_factory=dict)  #: --ppl-tokens store name -> ppl, loss, tokens, windows, ...
+    tasks: dict[str, dict] = field(default_factory=dict)  #: task -> metrics, stderr, ... (see harness.task_entry)
+
+
+class StoreSpec(NamedTuple):
+    """One token store to measure perplexity on, and its name in eval.json."""
+
+    name: str
+    path: str
+    store: Any
+    split: str
+
+
+class EvalPlan(NamedTuple):
+    """Everything checked before the model runs, so bad input fails before eval.json is touched."""
+
+    val: StoreSpec | None  #: --tokens
+    stores: list[StoreSpec]  #: --ppl-tokens
+    tasks: list[str]
+    manager: Any  #: the harness's TaskManager (None without --tasks)
+
+
+def checkpoint_kind(ckpt: Path) -> str:
+    """``model_type`` of a checkpoint folder that ``AutoModelForCausalLM`` can load; one line otherwise."""
+    import cocomix.stage2_pretrain.presets  # noqa: F401 (registers every student class with the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(ckpt) / "config.json"
+    if not config_file.exists():
+        raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        known = type(AutoConfig.for_model(model_type)) in AutoModelForCausalLM._model_mapping
+    except (ValueError, KeyError, TypeError):
+        known = False
+    if not known:
+        raise CocomixError(f"{ckpt} is neither a CoCoMix checkpoint nor a Hugging Face causal LM folder "
+                           f"(config.json: model_type {model_type!r}); pass a checkpoint folder written by `cocomix pretrain`")
+    if not any((Path(ckpt) / name).exists() for name in WEIGHT_FILES):
+        raise CocomixError(f"{ckpt} has a config.json but no weights ({' or '.join(WEIGHT_FILES)}); pass a complete checkpoint folder")
+    return model_type
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def load_checkpoint_model(ckpt: Path):
     """A CoCoMix checkpoint or a stock GPT-2 folder, by ``model_type`` in its config.json."""
-    config_file = Path(ckpt) / "config.json"
-    if not config_file.exists():
-        raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    checkpoint_kind(ckpt)
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load clutters the run's log
-    if model_type == "cocomix":
-        from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
-
-        return CoCoMixForCausalLM.from_pretrained(ckpt)
-    if model_type == "gpt2":
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel.from_pretrained(ckpt)
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(ckpt)
 
 
-def check_tokenizer(ckpt: Path, store, tokens: str, config=None) -> None:
+def check_tokenizer(ckpt: Path, store, tokens: str, config=None, flag: str = "--tokens") -> None:
     """The checkpoint's tokenizer (when it has one) must be the store's. ``config``: the loaded
     model's (spares AutoTokenizer re-reading config.json as a generic, unregistered config)."""
     if not (Path(ckpt) / "tokenizer.json").exists():
@@ -123,7 +166,17 @@ def check_tokenizer(ckpt: Path, store, tokens: str, config=None) -> None:
     from cocomix.storage.token_store import tokenizer_fingerprint
 
     if tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt, config=config)) != store.tokenizer_sha256:
-        raise MismatchError(f"--tokens {tokens} was made with another tokenizer than checkpoint {ckpt}; pass the token store it was trained on")
+        raise MismatchError(f"{flag} {tokens} was made with another tokenizer than checkpoint {ckpt}; pass the token store it was trained on")
+
+
+def checkpoint_tokenizer(ckpt: Path, config):
+    """The tokenizer saved beside the weights (``cocomix pretrain`` writes it into every checkpoint)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(ckpt) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise CocomixError(f"--tasks needs the tokenizer in {ckpt} (no tokenizer files there); "
+                           "save it into the folder (tokenizer.save_pretrained) or evaluate a checkpoint written by `cocomix pretrain`")
+    return AutoTokenizer.from_pretrained(ckpt, config=config)
 
 
 def _device(name: str) -> torch.device:
@@ -135,28 +188,124 @@ def _device(name: str) -> torch.device:
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
-    """Perplexity of checkpoint ``cfg.ckpt`` on ``cfg.split`` of ``cfg.tokens``; writes ``<ckpt>/eval.json``."""
-    from cocomix.storage.token_store import TokenStore
-
+    """Evaluate checkpoint ``cfg.ckpt``: ``--tokens`` perplexity, ``--ppl-tokens`` perplexities and
+    ``--tasks``; each part is merged into ``<ckpt>/eval.json`` as soon as it is done (atomically,
+    earlier results of other stores and tasks kept)."""
     ckpt, device = Path(cfg.ckpt), _device(cfg.device)
-    store = TokenStore.open(cfg.tokens)
-    model = load_checkpoint_model(ckpt).to(device)
-    check_tokenizer(ckpt, store, cfg.tokens, config=model.config)
+    plan = plan_eval(cfg)
+    model = load_checkpoint_model(ckpt).to(device).eval()
+    for spec, flag in [(plan.val, "--tokens")] * bool(plan.val) + [(s, "--ppl-tokens") for s in plan.stores]:
+        check_tokenizer(ckpt, spec.store, spec.path, config=model.config, flag=flag)
+    tokenizer = checkpoint_tokenizer(ckpt, model.config) if plan.tasks else None
     window = cfg.window or model.config.n_positions
     if window > model.config.n_positions:
         raise ConfigError(f"--window {window} exceeds the model's context of {model.config.n_positions} tokens; pass --window {model.config.n_positions} or less")
-    split = store.split(cfg.split)
+    result = EvalResult(str(ckpt), str(ckpt / EVAL_JSON))
+    if plan.val is not None:
+        res = store_ppl(model, plan.val, cfg, window, device)
+        result.split, result.val_ppl, result.loss, result.tokens, result.windows, result.window = (
+            plan.val.split, res.ppl, res.loss, res.tokens, res.windows, window)
+        result.eval_json = str(ckpt / (EVAL_JSON if plan.val.split == "val" else f"eval-{plan.val.split}.json"))  # another split never replaces val_ppl
+        merge_eval_json(Path(result.eval_json), {"ckpt": str(ckpt), "eval_json": result.eval_json, "split": plan.val.split,
+                                                 "val_ppl": res.ppl, "loss": res.loss, "tokens": res.tokens,
+                                                 "windows": res.windows, "window": window, "tokens_store": str(cfg.tokens)})
+        _print_table(result)
+    for spec in plan.stores:
+        res = store_ppl(model, spec, cfg, window, device)
+        result.ppl[spec.name] = {"ppl": res.ppl, "loss": res.loss, "tokens": res.tokens, "windows": res.windows,
+                                 "window": window, "split": spec.split, "tokens_store": spec.path}
+        merge_eval_json(ckpt / EVAL_JSON, {"ckpt": str(ckpt), "ppl": {spec.name: result.ppl[spec.name]}})
+    if plan.tasks:
+        result.tasks = run_tasks(model, tokenizer, plan, cfg, ckpt)
+    if plan.stores or plan.tasks:
+        print_metrics(ckpt)
+    return result
+
+
+EVAL_JSON = "eval.json"
+
+
+def plan_eval(cfg: EvalConfig) -> EvalPlan:
+    """Open every store, resolve every task name and check the checkpoint, before any model runs."""
+    checkpoint_kind(Path(cfg.ckpt))
+    val = _store_spec(cfg.tokens, cfg.split) if cfg.tokens else None
+    stores = [_ppl_store_spec(s, cfg.split) for s in cfg.ppl_tokens or []]
+    names = [s.name for s in stores]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--ppl-tokens: two stores share a name ({', '.join(names)}); eval.json names each by its folder, so rename one folder")
+    tasks, manager = [], None
+    if cfg.tasks:
+        from .harness import import_harness, parse_tasks, task_manager
+
+        import_harness()
+        tasks = parse_tasks(cfg.tasks)
+        manager = task_manager(tasks, cfg.include_path)
+    elif cfg.include_path:
+        raise ConfigError("--include-path only adds task definitions; pass --tasks too")
+    return EvalPlan(val, stores, tasks, manager)
+
+
+def _store_spec(path: str, split: str) -> StoreSpec:
+    from cocomix.storage.token_store import TokenStore
+
+    store = TokenStore.open(path)
+    store.split(split)  # refuses an unknown split, naming the known ones
+    name = Path(path).resolve().name + ("" if split == "val" else f":{split}")
+    return StoreSpec(name, path, store, split)
+
+
+def _ppl_store_spec(spec: str, default_split: str) -> StoreSpec:
+    """``STORE`` (its ``--split`` split) or ``STORE:SPLIT``."""
+    path, split = spec, default_split
+    if not Path(spec).exists() and ":" in spec:
+        path, split = spec.rsplit(":", 1)
+    return _store_spec(path, split)
+
+
+def store_ppl(model, spec: StoreSpec, cfg: EvalConfig, window: int, device) -> PplResult:
+    """Perplexity over non-overlapping ``window``-token windows of one split of one store."""
+    split = spec.store.split(spec.split)
     spans = val_starts(len(split), window, cfg.max_windows)
     if not spans:
-        raise CocomixError(f"split {cfg.split!r} of --tokens {cfg.tokens} holds fewer than 2 tokens; pass another --split")
+        raise CocomixError(f"split {spec.split!r} of token store {spec.path} holds fewer than 2 tokens; pass another split")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     with window_progress(len(spans)) as advance:
-        res = evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast, progress=advance)
-    name = "eval.json" if cfg.split == "val" else f"eval-{cfg.split}.json"  # another split never replaces val_ppl
-    result = EvalResult(str(ckpt), cfg.split, res.ppl, res.loss, res.tokens, res.windows, window, str(ckpt / name))
-    atomic_write_json(ckpt / name, {**asdict(result), "tokens_store": str(cfg.tokens)})
-    _print_table(result)
-    return result
+        return evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast, progress=advance)
+
+
+def run_tasks(model, tokenizer, plan: EvalPlan, cfg: EvalConfig, ckpt: Path) -> dict[str, dict]:
+    """Each task through the harness; its scores are merged into eval.json when it finishes."""
+    from .harness import harness_lm, run_task
+
+    lm, scores = harness_lm(model, tokenizer, batch_size=cfg.batch_size), {}
+    for name in plan.tasks:
+        log.info("task %s", name)
+        done = run_task(lm, name, plan.manager, limit=cfg.limit, num_fewshot=cfg.num_fewshot, bootstrap_iters=cfg.bootstrap_iters)
+        merge_eval_json(ckpt / EVAL_JSON, {"ckpt": str(ckpt), "tasks": done})
+        scores.update(done)
+    return scores
+
+
+def merge_eval_json(path: Path, update: dict) -> dict:
+    """Write ``update`` into the JSON file at ``path`` atomically: top-level keys replaced, the
+    ``ppl`` and ``tasks`` maps merged entry by entry (a re-run of other tasks keeps earlier ones)."""
+    before = read_eval_json(path) if path.exists() else {}
+    merged = {**before, **update}
+    for key in ("ppl", "tasks"):
+        if key in update:
+            merged[key] = {**before.get(key, {}), **update[key]}
+    atomic_write_json(path, merged)
+    return merged
+
+
+def read_eval_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CocomixError(f"{path} is not readable JSON ({err}); move it away and evaluate again") from None
+    if not isinstance(data, dict):
+        raise CocomixError(f"{path} holds no eval results (a JSON {type(data).__name__}, not an object)")
+    return data
 
 
 @contextmanager
@@ -180,6 +329,13 @@ def window_progress(total: int):
             bar.update(task, advance=n, rate=rate)
 
         yield advance
+
+
+def print_metrics(ckpt: Path) -> None:
+    """Every metric now in the checkpoint's eval.json, as ``cocomix compare`` shows it."""
+    from .compare import metric_table, print_table
+
+    print_table(metric_table([(Path(ckpt).name, read_eval_json(Path(ckpt) / EVAL_JSON))]), title=f"eval {ckpt}")
 
 
 def _print_table(r: EvalResult) -> None:
