@@ -90,13 +90,18 @@ def harness_lm(model, tokenizer, *, batch_size: int):
     """The harness's ``HFLM`` around a loaded model (already on its device).
 
     On CUDA the forward runs under bf16 autocast, as the validation perplexity does, and the
-    harness takes its log-softmax in fp32; on CPU everything is fp32.
+    harness takes its log-softmax in fp32 (lm-eval versions without these two arguments run
+    the model in its own fp32); on CPU everything is fp32.
     """
+    import inspect
+
+    import_harness()
     from lm_eval.models.huggingface import HFLM
 
-    cuda = next(model.parameters()).device.type == "cuda"
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                mixed_precision_dtype=torch.bfloat16 if cuda else None, softmax_dtype=torch.float32 if cuda else None)
+    kwargs = {}
+    if next(model.parameters()).device.type == "cuda" and "mixed_precision_dtype" in inspect.signature(HFLM.__init__).parameters:
+        kwargs = {"mixed_precision_dtype": torch.bfloat16, "softmax_dtype": torch.float32}
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
 
 def run_task(lm, name: str, manager, *, limit: int | None, num_fewshot: int | None, bootstrap_iters: int) -> dict[str, dict]:
