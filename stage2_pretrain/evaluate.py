@@ -194,22 +194,11 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     ckpt, device = Path(cfg.ckpt), _device(cfg.device)
     plan = plan_eval(cfg)
     model = load_checkpoint_model(ckpt).to(device).eval()
-    for spec, flag in [(plan.val, "--tokens")] * bool(plan.val) + [(s, "--ppl-tokens") for s in plan.stores]:
-        check_tokenizer(ckpt, spec.store, spec.path, config=model.config, flag=flag)
+    window = check_model_fits(model, plan, cfg)
     tokenizer = checkpoint_tokenizer(ckpt, model.config) if plan.tasks else None
-    window = cfg.window or model.config.n_positions
-    if window > model.config.n_positions:
-        raise ConfigError(f"--window {window} exceeds the model's context of {model.config.n_positions} tokens; pass --window {model.config.n_positions} or less")
     result = EvalResult(str(ckpt), str(ckpt / EVAL_JSON))
     if plan.val is not None:
-        res = store_ppl(model, plan.val, cfg, window, device)
-        result.split, result.val_ppl, result.loss, result.tokens, result.windows, result.window = (
-            plan.val.split, res.ppl, res.loss, res.tokens, res.windows, window)
-        result.eval_json = str(ckpt / (EVAL_JSON if plan.val.split == "val" else f"eval-{plan.val.split}.json"))  # another split never replaces val_ppl
-        merge_eval_json(Path(result.eval_json), {"ckpt": str(ckpt), "eval_json": result.eval_json, "split": plan.val.split,
-                                                 "val_ppl": res.ppl, "loss": res.loss, "tokens": res.tokens,
-                                                 "windows": res.windows, "window": window, "tokens_store": str(cfg.tokens)})
-        _print_table(result)
+        eval_val(result, model, plan.val, cfg, window, device)
     for spec in plan.stores:
         res = store_ppl(model, spec, cfg, window, device)
         result.ppl[spec.name] = {"ppl": res.ppl, "loss": res.loss, "tokens": res.tokens, "windows": res.windows,
@@ -220,6 +209,30 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     if plan.stores or plan.tasks:
         print_metrics(ckpt)
     return result
+
+
+def check_model_fits(model, plan: EvalPlan, cfg: EvalConfig) -> int:
+    """Every store's tokenizer is the checkpoint's, and the window fits the context; returns the window."""
+    ckpt = Path(cfg.ckpt)
+    for spec, flag in [(plan.val, "--tokens")] * bool(plan.val) + [(s, "--ppl-tokens") for s in plan.stores]:
+        check_tokenizer(ckpt, spec.store, spec.path, config=model.config, flag=flag)
+    window = cfg.window or model.config.n_positions
+    if window > model.config.n_positions:
+        raise ConfigError(f"--window {window} exceeds the model's context of {model.config.n_positions} tokens; pass --window {model.config.n_positions} or less")
+    return window
+
+
+def eval_val(result: EvalResult, model, spec: StoreSpec, cfg: EvalConfig, window: int, device) -> None:
+    """The ``--tokens`` perplexity into ``result`` and eval.json (eval-<split>.json for another split than val)."""
+    res = store_ppl(model, spec, cfg, window, device)
+    ckpt = Path(result.ckpt)
+    result.split, result.val_ppl, result.loss, result.tokens, result.windows, result.window = (
+        spec.split, res.ppl, res.loss, res.tokens, res.windows, window)
+    result.eval_json = str(ckpt / (EVAL_JSON if spec.split == "val" else f"eval-{spec.split}.json"))  # another split never replaces val_ppl
+    merge_eval_json(Path(result.eval_json), {"ckpt": result.ckpt, "eval_json": result.eval_json, "split": spec.split,
+                                             "val_ppl": res.ppl, "loss": res.loss, "tokens": res.tokens,
+                                             "windows": res.windows, "window": window, "tokens_store": spec.path})
+    _print_table(result)
 
 
 EVAL_JSON = "eval.json"
@@ -249,7 +262,8 @@ def _store_spec(path: str, split: str) -> StoreSpec:
     from cocomix.storage.token_store import TokenStore
 
     store = TokenStore.open(path)
-    store.split(split)  # refuses an unknown split, naming the known ones
+    if len(store.split(split)) < 2:  # (an unknown split is refused there, naming the known ones)
+        raise CocomixError(f"split {split!r} of token store {path} holds fewer than 2 tokens; pass another split (STORE:SPLIT for --ppl-tokens)")
     name = Path(path).resolve().name + ("" if split == "val" else f":{split}")
     return StoreSpec(name, path, store, split)
 
@@ -266,8 +280,6 @@ def store_ppl(model, spec: StoreSpec, cfg: EvalConfig, window: int, device) -> P
     """Perplexity over non-overlapping ``window``-token windows of one split of one store."""
     split = spec.store.split(spec.split)
     spans = val_starts(len(split), window, cfg.max_windows)
-    if not spans:
-        raise CocomixError(f"split {spec.split!r} of token store {spec.path} holds fewer than 2 tokens; pass another split")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     with window_progress(len(spans)) as advance:
         return evaluate_split(model, split, spans, batch_size=cfg.batch_size, device=device, autocast=autocast, progress=advance)
@@ -333,9 +345,9 @@ def window_progress(total: int):
 
 def print_metrics(ckpt: Path) -> None:
     """Every metric now in the checkpoint's eval.json, as ``cocomix compare`` shows it."""
-    from .compare import metric_table, print_table
+    from .compare import metric_table, print_table, run_name
 
-    print_table(metric_table([(Path(ckpt).name, read_eval_json(Path(ckpt) / EVAL_JSON))]), title=f"eval {ckpt}")
+    print_table(metric_table([(run_name(Path(ckpt)), read_eval_json(Path(ckpt) / EVAL_JSON))]), title=f"eval {ckpt}")
 
 
 def _print_table(r: EvalResult) -> None:

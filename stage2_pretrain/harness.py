@@ -44,6 +44,11 @@ def import_harness():
         raise CocomixError(f"--tasks needs lm-evaluation-harness, which is not installed ({err}); run {INSTALL}") from None
     if not logging.getLogger("cocomix").isEnabledFor(logging.DEBUG):
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import lm_eval.evaluator
+
+    # The evaluator records `git describe` of the working directory (metadata eval.json does not keep);
+    # outside a git checkout git prints "fatal: not a git repository" once per task.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     return lm_eval
 
 
