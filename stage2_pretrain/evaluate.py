@@ -124,9 +124,9 @@ class EvalPlan(NamedTuple):
 
 def checkpoint_kind(ckpt: Path) -> str:
     """``model_type`` of a checkpoint folder that ``AutoModelForCausalLM`` can load; one line otherwise."""
-    import cocomix.stage2_pretrain.presets  # noqa: F401 (registers every student class with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    register_students()
     config_file = Path(ckpt) / "config.json"
     if not config_file.exists():
         raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
@@ -141,6 +141,19 @@ def checkpoint_kind(ckpt: Path) -> str:
     if not any((Path(ckpt) / name).exists() for name in WEIGHT_FILES):
         raise CocomixError(f"{ckpt} has a config.json but no weights ({' or '.join(WEIGHT_FILES)}); pass a complete checkpoint folder")
     return model_type
+
+
+def register_students() -> None:
+    """Import every student model module (``model.py``, ``model_*.py``): each registers its class with
+    ``AutoConfig``/``AutoModelForCausalLM``, so any student checkpoint loads as a causal LM."""
+    import importlib
+    import pkgutil
+
+    import cocomix.stage2_pretrain as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name == "model" or info.name.startswith("model_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
