@@ -249,3 +249,14 @@ def test_cli_does_not_import_the_harness():
 
     code = "import sys, cocomix.pipeline.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported at CLI import'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ppl_tokens_repeats_and_takes_comma_lists(monkeypatch):
+    """--ppl-tokens A --ppl-tokens B,C reaches run_eval as three stores."""
+    import cocomix.stage2_pretrain.evaluate as evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run_eval", seen.append)
+    result = cli("ckpt", "--ppl-tokens", "a", "--ppl-tokens", "b,c:train")
+    assert result.exit_code == 0, result.output
+    assert seen[0].ppl_tokens == ["a", "b", "c:train"] and seen[0].tokens is None and seen[0].tasks is None
