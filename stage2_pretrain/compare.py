@@ -137,7 +137,7 @@ def print_table(table: MetricTable, title: str = "compare") -> None:
 
     from cocomix.pipeline.logs import console
 
-    out = Table(title=title, caption="accuracies in %; avg = mean accuracy over the multiple-choice tasks; ± = stderr")
+    out = Table(title=title, caption="accuracies in %, avg: mean over the multiple-choice tasks, ±: stderr")
     out.add_column("run", overflow="fold")
     for col in table.columns:
         out.add_column(f"{col.title} {'↓' if col.lower_is_better else '↑'}", justify="right", overflow="fold")
