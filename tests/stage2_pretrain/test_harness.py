@@ -37,7 +37,10 @@ def task_yaml(name: str, data, body: str) -> str:
 def task_dir(tmp_path_factory):
     """Three local tasks: multiple choice (acc), lambada-style (whole-word continuation: perplexity, acc), rolling (PPL)."""
     root = tmp_path_factory.mktemp("tasks")
-    write = lambda name, rows: (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # noqa: E731
+
+    def write(name, rows):
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
     write("mc", [{"q": q, "choices": c, "label": lab} for q, c, lab in MC_DOCS])
     write("lambada", [{"text": t} for t in LAMBADA_DOCS])
     write("roll", [{"text": t} for t in ROLL_DOCS])
