@@ -20,7 +20,7 @@ h1 { font-size: 1.15rem; margin: 0 0 .3rem; } p.help { color: #666; margin: 0 0 
 #layout { display: flex; gap: 1.5rem; align-items: flex-start; }
 #text { flex: 1 1 55%; font-family: ui-monospace, monospace; font-size: 1rem; line-height: 2;
         white-space: pre-wrap; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 1rem; }
-.tok { border-radius: 3px; cursor: pointer; padding: 1px 0; outline: 1px solid transparent; }
+.tok { border-radius: 3px; box-shadow: inset -1px 0 #fff; cursor: pointer; padding: 1px 0; outline: 1px solid transparent; }
 .tok:hover, .tok.sel { outline: 2px solid #2563eb; }
 #panel { flex: 1 1 45%; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 1rem;
          position: sticky; top: 1rem; max-height: 90vh; overflow: auto; font-size: .9rem; }
