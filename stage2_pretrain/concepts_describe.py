@@ -216,6 +216,9 @@ class Dictionary:
 
     def check_labels(self, provenance: dict, what: str) -> None:
         """MismatchError when this dictionary was built from other labels than ``provenance`` (a target meta)."""
+        if not provenance:
+            raise MismatchError(f"{what} records no targets it was trained on, so --describe {self.path} cannot be checked against them; "
+                                "pass a checkpoint written by `cocomix pretrain`")
         if label_identity(provenance) != self.info["targets"]["identity"]:
             raise MismatchError(f"--describe {self.path} describes targets {self.info['targets']['path']}, not the ones {what} was trained on "
                                 f"({provenance.get('targets_path', 'recorded in its config')}); run `cocomix concepts describe` on those targets")

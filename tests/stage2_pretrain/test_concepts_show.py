@@ -86,6 +86,16 @@ def test_show_refuses_a_dictionary_of_other_targets(tmp_path, student, make_targ
     assert result.exit_code == 2 and "describes targets" in result.output and len(result.output.strip().splitlines()) <= 3
 
 
+def test_a_checkpoint_without_targets_provenance_cannot_use_a_dictionary(tmp_path, student, dictionary):
+    shutil.copytree(student, tmp_path / "ckpt")
+    model = load_concept_model(str(tmp_path / "ckpt"))
+    model.config.concept_provenance = {}
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(MismatchError, match="records no targets"):
+        run_show(ShowConfig(ckpt=str(tmp_path / "ckpt"), text=TEXT, describe=str(dictionary)))
+    assert run_show(ShowConfig(ckpt=str(tmp_path / "ckpt"), text=TEXT)).descriptions == {}
+
+
 def test_ntp_checkpoint_and_bad_text_are_one_line_errors(tmp_path, student, tokenizer_dir):
     from transformers import AutoTokenizer
 
