@@ -262,6 +262,7 @@ def run_describe(cfg: DescribeConfig) -> DescribeResult:
     with token_progress(total) as advance:
         stats = scan_targets(reader, cfg.top_n, advance)
     seconds = time.monotonic() - t0
+    log.info("decoding %s contexts (%d tokens either side)", f"{int((stats.key_LN >= 0).sum()):,}", cfg.context)
     examples = decode_examples(reader, tokenizer, stats, cfg.context)
     out = Path(cfg.out)
     write_describe(out, reader, stats, examples, cfg)
