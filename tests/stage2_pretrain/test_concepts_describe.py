@@ -106,3 +106,17 @@ def test_describe_refuses_a_token_store_of_other_tokens(tmp_path, targets_dir, m
     run_tokenize(TokenizeConfig(corpus=str(tmp_path / "c"), tokenizer=tok_dir, out=str(other), val_fraction=0.0))
     with pytest.raises(MismatchError):
         run_describe(DescribeConfig(targets=str(targets_dir), tokens=str(other), out=str(tmp_path / "d")))
+
+
+def test_describe_cli_reports_progress_with_rate_and_eta(tmp_path, targets_dir, token_store, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cocomix.pipeline.cli import app
+
+    monkeypatch.setenv("COCOMIX_PROGRESS_EVERY", "0")
+    result = CliRunner().invoke(app, ["concepts", "describe", str(targets_dir), "--tokens", str(token_store),
+                                      "--out", str(tmp_path / "d"), "--top-n", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    n = sum(TargetReader.open(targets_dir).manifest["splits"].values())
+    assert f"describe  {n:,}/{n:,} tok" in result.output and "tok/s" in result.output and "ETA" in result.output
+    assert load_describe(tmp_path / "d").info["top_n"] == 2
