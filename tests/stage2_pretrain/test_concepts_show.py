@@ -152,6 +152,7 @@ def chromium_driver():
 
 
 def test_html_page_shows_a_tokens_concepts_on_click_in_chromium(tmp_path, student, dictionary):
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
