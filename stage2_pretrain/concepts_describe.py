@@ -133,12 +133,21 @@ def decode_examples(reader: TargetReader, tokenizer, stats: ConceptStats, contex
     lat, rank = np.nonzero(stats.key_LN >= 0)
     keys = stats.key_LN[lat, rank]
     pieces = [_pieces(reader, int(k), context) for k in keys]
-    texts = tokenizer.batch_decode([p for trio in pieces for p in trio]) if pieces else []
+    texts = decode_batch(tokenizer, [p for trio in pieces for p in trio])
     out: list[list[Example]] = [[] for _ in range(reader.n_latents)]
     for i, (latent, key) in enumerate(zip(lat, keys)):
         split, pos = reader.splits[int(key) >> SPLIT_SHIFT], int(key) & ((1 << SPLIT_SHIFT) - 1)
         out[latent].append(Example(float(stats.score_LN[latent, rank[i]]), split, pos, *texts[3 * i:3 * i + 3]))
     return out
+
+
+def decode_batch(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode`` through the fast tokenizer's Rust backend when that gives the same
+    text (no clean-up of spaces): transformers' per-sequence Python checks cost 5x the decoding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer.batch_decode(seqs)
+    return backend.decode_batch(seqs, skip_special_tokens=False)
 
 
 def _pieces(reader: TargetReader, key: int, context: int) -> tuple[list[int], list[int], list[int]]:
