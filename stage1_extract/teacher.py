@@ -2,8 +2,8 @@
 
 Stage 1 needs two things from the teacher: the residual stream after block ``layer``
 (``h = hidden_states[layer + 1]``) and the loss of the blocks above it.
-:func:`embed` and :func:`run_blocks` call the stock HF modules
-(``transformer.wte/wpe/h[i]``; ``ln_f`` and the head are applied in attribution.py) exactly as ``GPT2Model.forward`` does (same causal
+:func:`embed` and :func:`run_blocks` call the stock HF modules (``transformer.wte/wpe/h[i]``;
+attribution.py applies ``ln_f`` and the head) exactly as ``GPT2Model.forward`` does (same causal
 mask helper, same attention implementation), so the truncated forward matches
 ``model(input_ids, output_hidden_states=True)``; a test pins this.
 
