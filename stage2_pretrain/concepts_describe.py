@@ -38,7 +38,7 @@ from cocomix.storage.files import atomic_write_bytes, atomic_write_json
 from cocomix.storage.target_reader import TargetReader
 from cocomix.storage.target_writer import folder_identity
 
-from .concepts_config import DescribeConfig
+from cocomix.stage2_pretrain.concepts_config import DescribeConfig
 
 log = logging.getLogger(__name__)
 

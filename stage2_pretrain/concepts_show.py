@@ -21,7 +21,7 @@ import torch
 from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.storage.files import atomic_write_bytes
 
-from .concepts_config import ShowConfig
+from cocomix.stage2_pretrain.concepts_config import ShowConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class ShowResult(NamedTuple):
 
 def load_concept_model(ckpt: str):
     """A CoCoMix checkpoint, or a one-line error for anything else (an NTP model has no concept head)."""
-    from .evaluate import load_checkpoint_model
-    from .model import CoCoMixForCausalLM
+    from cocomix.stage2_pretrain.evaluate import load_checkpoint_model
+    from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
 
     model = load_checkpoint_model(Path(ckpt))
     if not isinstance(model, CoCoMixForCausalLM):
@@ -84,7 +84,7 @@ def descriptions_for(describe: str | None, model, concepts: TokenConcepts, ckpt:
     """Dictionary entries of every concept shown (``examples`` contexts each), provenance-checked."""
     if describe is None:
         return {}
-    from .concepts_describe import load_describe
+    from cocomix.stage2_pretrain.concepts_describe import load_describe
 
     dictionary = load_describe(describe)
     dictionary.check_labels(model.config.concept_provenance, f"checkpoint {ckpt}")
@@ -103,7 +103,7 @@ def run_show(cfg: ShowConfig) -> ShowResult:
     print_concepts(concepts, descriptions)
     html = None
     if cfg.html:
-        from .concepts_html import render_page
+        from cocomix.stage2_pretrain.concepts_html import render_page
 
         html = Path(cfg.html)
         atomic_write_bytes(html, render_page(concepts, descriptions, title=f"cocomix concepts: {cfg.ckpt}").encode())

@@ -20,7 +20,7 @@ import numpy as np
 
 from cocomix.pipeline.errors import ConfigError
 
-from .concepts_config import WeightsConfig
+from cocomix.stage2_pretrain.concepts_config import WeightsConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def plot_histogram(res: WeightsResult, path: Path, bins: int, title: str) -> Non
 
 
 def run_weights(cfg: WeightsConfig) -> WeightsResult:
-    from .concepts_show import load_concept_model
+    from cocomix.stage2_pretrain.concepts_show import load_concept_model
 
     model = load_concept_model(cfg.ckpt)
     res = summarize(concept_norms(model), cfg.threshold, cfg.concept_ids())
