@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 from cocomix.pipeline.errors import CocomixError, ConfigError
 
-from .config import CompareConfig
-from .harness import PAPER_TASKS
+from cocomix.stage2_pretrain.config import CompareConfig
+from cocomix.stage2_pretrain.harness import PAPER_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def plot_table(table: MetricTable, path: Path) -> Path:
 def find_eval_json(path: str) -> tuple[str, Path]:
     """``(row name, eval.json file)`` for an eval.json, a checkpoint folder or a run folder
     (its ``final/``, else its newest checkpoint with an eval.json)."""
-    from .checkpoint import complete_checkpoints
+    from cocomix.stage2_pretrain.checkpoint import complete_checkpoints
 
     p = Path(path)
     if not p.exists():
@@ -219,7 +219,7 @@ def run_name(folder: Path) -> str:
 
 
 def load_runs(paths: list[str]) -> list[tuple[str, dict]]:
-    from .evaluate import read_eval_json
+    from cocomix.stage2_pretrain.evaluate import read_eval_json
 
     runs, seen = [], {}
     for path in paths:

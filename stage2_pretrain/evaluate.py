@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.storage.files import atomic_write_json
 
-from .config import EvalConfig
-from .data import val_starts
-from .metrics import perplexity
+from cocomix.stage2_pretrain.config import EvalConfig
+from cocomix.stage2_pretrain.data import val_starts
+from cocomix.stage2_pretrain.metrics import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def plan_eval(cfg: EvalConfig) -> EvalPlan:
         raise ConfigError(f"--ppl-tokens: two stores share a name ({', '.join(names)}); eval.json names each by its folder, so rename one folder")
     tasks, manager = [], None
     if cfg.tasks:
-        from .harness import import_harness, parse_tasks, task_manager
+        from cocomix.stage2_pretrain.harness import import_harness, parse_tasks, task_manager
 
         import_harness()
         tasks = parse_tasks(cfg.tasks)
@@ -300,7 +300,7 @@ def store_ppl(model, spec: StoreSpec, cfg: EvalConfig, window: int, device) -> P
 
 def run_tasks(model, tokenizer, plan: EvalPlan, cfg: EvalConfig, ckpt: Path) -> dict[str, dict]:
     """Each task through the harness; its scores are merged into eval.json when it finishes."""
-    from .harness import harness_lm, run_task
+    from cocomix.stage2_pretrain.harness import harness_lm, run_task
 
     lm, scores = harness_lm(model, tokenizer, batch_size=cfg.batch_size), {}
     for name in plan.tasks:
@@ -358,7 +358,7 @@ def window_progress(total: int):
 
 def print_metrics(ckpt: Path) -> None:
     """Every metric now in the checkpoint's eval.json, as ``cocomix compare`` shows it."""
-    from .compare import metric_table, print_table, run_name
+    from cocomix.stage2_pretrain.compare import metric_table, print_table, run_name
 
     print_table(metric_table([(run_name(Path(ckpt)), read_eval_json(Path(ckpt) / EVAL_JSON))]), title=f"eval {ckpt}")
 
