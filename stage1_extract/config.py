@@ -34,8 +34,12 @@ class ExtractConfig:
     splits: str = flag("train,val", help="Comma-separated splits to label.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")
+    kd_samples: int = flag(0, help="Also store N token ids per position sampled from the teacher's next-token softmax (column `kd_ids`, for `pretrain --method kd`); an unbiased sparse stand-in for the full distribution, drawn in the same teacher pass. 0 = off.")
+    store_hidden: bool = flag(False, help="Also store the teacher's hidden state at --layer (column `hidden`, float16, for `pretrain --concept-target hidden`); costs 2 x teacher width bytes per token (1.5 KB for GPT-2 small).")
 
     def __post_init__(self) -> None:
+        if self.kd_samples < 0:
+            raise ConfigError(f"--kd-samples must be >= 0 (0 = no KD targets), got {self.kd_samples}")
         if self.selection not in ("attribution", "activation"):
             raise ConfigError(f"--selection must be `attribution` or `activation`, got {self.selection!r}")
         if self.attribution_input not in ("post", "pre"):

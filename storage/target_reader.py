@@ -16,7 +16,8 @@ import numpy as np
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
-    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
+    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, extra_column_views, safe_path,
+    shard_column_views,
 )
 from cocomix.storage.target_writer import lock_path, stamp_vouches
 
@@ -26,11 +27,13 @@ OPEN_SHARDS = 64
 
 
 class TargetWindow(NamedTuple):
-    """Rows ``[start, stop)`` of a split: token [N], concept_ids [N, K], concept_scores [N, K]."""
+    """Rows ``[start, stop)`` of a split: token [N], concept_ids [N, K], concept_scores [N, K],
+    and the optional columns (``kd_ids`` [N, S], ``hidden`` [N, d]) by name; {} when the folder has none."""
 
     tokens: np.ndarray
     concept_ids: np.ndarray
     concept_scores: np.ndarray
+    extra: dict = {}  # never mutated: the shared default is safe
 
 
 class _Shard(NamedTuple):
@@ -39,6 +42,7 @@ class _Shard(NamedTuple):
     tokens: np.ndarray
     ids_NK: np.ndarray
     scores_NK: np.ndarray
+    extra: dict  #: optional columns, name -> [n, width]
 
 
 def load_manifest(path: Path) -> dict:
@@ -85,8 +89,9 @@ class TargetReader:
         self.n_latents = int(self.meta["sae"]["n_latents"]) if "sae" in self.meta else int(manifest.get("n_latents") or 0)
         self.ignore_id = int(manifest["ignore_id"])
         self.splits: list[str] = list(manifest["splits"])
+        self.extra_columns: dict = manifest.get("extra_columns") or {}  #: optional columns (kd_ids, hidden): name -> record
         d = manifest["dtypes"]
-        self.schema = arrow_schema(d["token"], d["id"], d["score"], self.k_attr)
+        self.schema = arrow_schema(d["token"], d["id"], d["score"], self.k_attr, self.extra_columns)
         self._by_split = {s: sorted((e for e in manifest["shards"] if e["split"] == s), key=lambda e: e["start"]) for s in self.splits}
         self._starts = {s: [e["start"] for e in entries] for s, entries in self._by_split.items()}
         self._open: OrderedDict[str, _Shard] = OrderedDict()
@@ -157,7 +162,8 @@ class TargetReader:
             raise IntegrityError(f"shard {entry['path']} does not have the schema of its manifest; delete it and run the extract again")
         if batch.num_rows != entry["rows"]:
             raise IntegrityError(f"shard {entry['path']} has {batch.num_rows} rows, its manifest says {entry['rows']}")
-        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr))
+        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr),
+                      extra_column_views(batch, self.extra_columns))
 
     def window(self, split: str, start: int, stop: int) -> TargetWindow:
         """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard."""
@@ -171,13 +177,15 @@ class TargetReader:
         while start < stop or not pieces:
             shard = self.shard_views(entries[i])
             lo, hi = start - shard.start, min(stop, shard.end) - shard.start
-            pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi]))
+            extra = {name: view[lo:hi] for name, view in shard.extra.items()}
+            pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi], extra))
             start, i = shard.start + hi, i + 1
             if start >= stop:
                 break
         if len(pieces) == 1:
             return pieces[0]
-        return TargetWindow(*(np.concatenate(cols) for cols in zip(*pieces)))
+        extra = {name: np.concatenate([p.extra[name] for p in pieces]) for name in pieces[0].extra}
+        return TargetWindow(*(np.concatenate(cols) for cols in zip(*(p[:3] for p in pieces))), extra)
 
     def check_tokens(self, store_provenance: dict) -> None:
         """MismatchError when these targets were made from another tokenizer, vocabulary or corpus."""

@@ -10,6 +10,13 @@
 Columns: ``token`` (uint16|uint32), ``concept_ids`` (fixed_size_list<uint16|uint32>[k]),
 ``concept_scores`` (fixed_size_list<float32|float16>[k]). A slot without a label holds
 ``ignore_id`` = the id dtype's maximum. Shards are uncompressed so they memory-map.
+
+Optional columns follow, in this order, when ``extract`` was asked for them (plan and
+manifest list them under ``extra_columns`` with their dtype, width and how they were made;
+a folder without that key has none, as every folder written before they existed):
+``kd_ids`` (fixed_size_list<token dtype>[N]: N token ids sampled from the teacher's
+next-token distribution) and ``hidden`` (fixed_size_list<float16>[d]: the teacher's hidden
+state at the SAE's layer).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ PLAN = "plan.json"
 FORMAT = "cocomix-targets"
 SCHEMA_KEY = b"cocomix.targets.schema_version"
 COLUMNS = ("token", "concept_ids", "concept_scores")
+EXTRA_COLUMNS = ("kd_ids", "hidden")  #: optional columns, in schema order
 SCORE_DTYPES = ("float32", "float16")
 
 
@@ -77,8 +85,16 @@ def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: i
     return plan
 
 
-def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int):
-    """The exact shard schema; the schema version travels in its metadata."""
+def extra_column(dtype, width: int, **about) -> dict:
+    """The ``extra_columns`` record of one optional column: dtype, width, and how it was made."""
+    return {"dtype": np.dtype(dtype).name, "width": int(width), **about}
+
+
+def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int, extra: dict | None = None):
+    """The exact shard schema; the schema version travels in its metadata.
+
+    ``extra`` is the ``extra_columns`` record (name -> {dtype, width, ...}); absent or empty: none.
+    """
     import pyarrow as pa
 
     if np.dtype(score_dtype).name not in SCORE_DTYPES:
@@ -90,7 +106,17 @@ def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int):
         pa.field("concept_ids", ids, nullable=False),
         pa.field("concept_scores", scores, nullable=False),
     ]
+    for name in sorted(extra or {}, key=_extra_order):
+        col = extra[name]
+        item = pa.field("item", pa.from_numpy_dtype(np.dtype(col["dtype"])), nullable=False)
+        fields.append(pa.field(name, pa.list_(item, int(col["width"])), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_KEY: str(TARGETS_SCHEMA_VERSION).encode()})
+
+
+def _extra_order(name: str) -> int:
+    if name not in EXTRA_COLUMNS:
+        raise CocomixError(f"unknown target column {name!r}; this cocomix knows {', '.join(EXTRA_COLUMNS)}")
+    return EXTRA_COLUMNS.index(name)
 
 
 def safe_path(folder: Path, relpath: str) -> Path:
@@ -109,3 +135,10 @@ def shard_column_views(batch, k_attr: int) -> tuple[np.ndarray, np.ndarray, np.n
     ids_NK = batch.column(1).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
     scores_NK = batch.column(2).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
     return tokens, ids_NK, scores_NK
+
+
+def extra_column_views(batch, extra: dict | None) -> dict[str, np.ndarray]:
+    """Zero-copy numpy views [n, width] of the optional columns of a record batch, by name."""
+    n = batch.num_rows
+    return {name: batch.column(name).flatten().to_numpy(zero_copy_only=True).reshape(n, int(col["width"]))
+            for name, col in (extra or {}).items()}
