@@ -15,6 +15,10 @@ ranks' j-th micro-batches is therefore the j-th micro-batch of a 1-process run w
 ``micro * world`` windows per micro-batch, so a run's data does not depend on how many
 processes share it.
 
+Columns: a :class:`TargetSource` reads the target columns a method asks for (``concept_ids``,
+and the optional ``kd_ids`` / ``hidden``) beside the tokens; :func:`collate` stacks whatever
+columns a source returns, by name, so a new column needs no change here.
+
 Legend: B windows in a micro-batch, T tokens per window, K labels per token.
 """
 from __future__ import annotations
@@ -48,10 +52,12 @@ class DataState:
 
 
 class MicroBatch(NamedTuple):
-    """One forward pass of one rank: ``input_ids`` [B, T] int64, ``concept_ids`` [B, T, K] int64 or None."""
+    """One forward pass of one rank: ``input_ids`` [B, T] int64, ``concept_ids`` [B, T, K] int64 or None,
+    and the other target columns read (``kd_ids`` [B, T, S] int64, ``hidden`` [B, T, d] float16) by name."""
 
     input_ids: torch.Tensor
     concept_ids: torch.Tensor | None
+    extra: dict = {}  # never mutated: the shared default is safe
 
 
 class StepBatch(NamedTuple):
@@ -112,34 +118,42 @@ class TokenSource:
         self.split = store.split(split)
         self.n_tokens = len(self.split)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.split.read(start, stop), None
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
+        return self.split.read(start, stop), {}
 
 
 class TargetSource:
-    """Windows of tokens and concept labels from the target shards (tokens from the ``token`` column)."""
+    """Windows of tokens and target columns from the target shards (tokens from the ``token`` column).
 
-    def __init__(self, reader, split: str, store_split=None):
-        self.reader, self.split_name = reader, split
+    ``columns``: which target columns to read (``concept_ids``, ``kd_ids``, ``hidden``).
+    """
+
+    def __init__(self, reader, split: str, store_split=None, columns: tuple[str, ...] = ("concept_ids",)):
+        self.reader, self.split_name, self.columns = reader, split, tuple(columns)
         self.n_tokens = reader.split_length(split)
         self.store_split = store_split  # read tokens from the store instead (see bench/pretrain.py)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         w = self.reader.window(self.split_name, start, stop)
         tokens = self.store_split.read(start, stop) if self.store_split is not None else w.tokens
-        return tokens, w.concept_ids
+        return tokens, {name: w.concept_ids if name == "concept_ids" else w.extra[name] for name in self.columns}
+
+
+def as_tensor(stacked: np.ndarray) -> torch.Tensor:
+    """Ids become int64 (ignore ids kept as they are); floats keep their dtype."""
+    return torch.from_numpy(stacked.astype(np.int64) if stacked.dtype.kind in "iu" else stacked)
 
 
 def collate(source, starts: np.ndarray, context: int) -> MicroBatch:
-    """Read and stack the windows starting at ``starts`` into int64 tensors (ignore ids kept as they are)."""
-    toks, ids = [], []
+    """Read and stack the windows starting at ``starts`` into tensors, every column by name."""
+    toks, columns = [], []
     for s in starts.tolist():
-        t, c = source.read(s, s + context)
+        t, cols = source.read(s, s + context)
         toks.append(t)
-        ids.append(c)
+        columns.append(cols)
+    stacked = {name: as_tensor(np.stack([c[name] for c in columns])) for name in columns[0]}
     input_ids_BT = torch.from_numpy(np.stack(toks).astype(np.int64))
-    concept_ids_BTK = None if ids[0] is None else torch.from_numpy(np.stack(ids).astype(np.int64))
-    return MicroBatch(input_ids_BT, concept_ids_BTK)
+    return MicroBatch(input_ids_BT, stacked.pop("concept_ids", None), stacked)
 
 
 class TrainStream:

@@ -44,7 +44,7 @@ def _recorded_store(targets_path: Path, ws: Path) -> Path | None:
 def resolve_paths(method: str, tokens: str | None, targets: str | None, workspace: str | None) -> tuple[Path, Path | None]:
     """(token store, target folder) from the flags, falling back to the workspace."""
     ws = workspace_root(workspace)
-    if method == "ntp" and targets is None:
+    if method in ("ntp", "pause") and targets is None:  # they read tokens only; targets only set the matched width
         return (Path(tokens) if tokens else find_single(ws, "tokens", "--tokens")), None
     targets_path = Path(targets) if targets else find_single(ws, "targets", "--targets")
     if not (targets_path / "manifest.json").exists():

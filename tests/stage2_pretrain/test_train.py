@@ -103,9 +103,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     real, calls = train_mod.forward_backward, []
 
     def poisoned(run, batch):
-        ntp, concept = real(run, batch)
+        parts = real(run, batch)
         calls.append(1)
-        return (ntp * float("nan"), concept) if len(calls) == 3 else (ntp, concept)
+        return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == 3 else parts
 
     monkeypatch.setattr(train_mod, "forward_backward", poisoned)
     with pytest.raises(CocomixError, match="non-finite loss at step 3"):
