@@ -205,6 +205,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     acc = make_accelerator(cfg, plan.accum, out)
     inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
     check_method_inputs(spec, inputs)
+    match = resolve_width(cfg, spec, inputs)  # before anything is written: a bad --insert-layer is refused here
     if spec.columns:
         spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
     if acc.is_main_process:
@@ -213,7 +214,6 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     ckpt = ckpt_io.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    match = resolve_width(cfg, spec, inputs)
     model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, spec, match, inputs)
     prepare_for_accelerate(model)
     record = run_record(cfg, spec, plan, model, inputs, None if ckpt else match)
