@@ -39,7 +39,9 @@ def env() -> dict:
 
 
 def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
-    flags = ["--windows-per-shard", "1", "--batch-size", "1", "--splits", "val", "--window", "32"]
+    """Labels, KD samples and hidden states alike (the KD draws are seeded by position)."""
+    flags = ["--windows-per-shard", "1", "--batch-size", "1", "--splits", "val", "--window", "32", "--kd-samples", "4",
+             "--store-hidden"]
     out = tmp_path / "t"
     proc = subprocess.Popen([sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -56,7 +58,8 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     manifest = TargetReader.open(out, verify=True).manifest
     assert manifest["extra"]["shards_computed"] == manifest["extra"]["shards_total"] - done_before > 0
-    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=1, batch_size=1, splits="val", window=32)
+    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=1, batch_size=1, splits="val",
+                    window=32, kd_samples=4, store_hidden=True)
     assert shard_bytes(out) == shard_bytes(ref)
 
 

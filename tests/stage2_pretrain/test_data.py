@@ -137,3 +137,21 @@ def test_val_windows_are_non_overlapping_and_cover_the_split():
     assert spans == [(0, 128), (128, 256), (256, 300)]
     assert val_starts(300, 128, max_windows=2) == [(0, 128), (128, 256)]
     assert val_starts(257, 128) == [(0, 128), (128, 256)]  # a 1-token tail predicts nothing
+
+
+def test_other_target_columns_are_batched_by_name_at_the_window_positions(full_targets_dir):
+    """``kd_ids`` (int64) and ``hidden`` (float16) come with the tokens, read at the same rows; a source
+    asked for them only carries no ``concept_ids``."""
+    from cocomix.storage.targets import TargetReader
+
+    reader = TargetReader.open(full_targets_dir)
+    stream = _stream(TargetSource(reader, "train", columns=("kd_ids", "hidden")), micro=2, accum=1)
+    mb = stream.next_step(DataState()).micro_batches[0]
+    starts, _ = stream.order.take(DataState(), 2)
+    assert mb.concept_ids is None and set(mb.extra) == {"kd_ids", "hidden"}
+    assert mb.extra["kd_ids"].dtype == torch.int64 and mb.extra["kd_ids"].shape == (2, 128, 5)
+    assert mb.extra["hidden"].dtype == torch.float16 and mb.extra["hidden"].shape == (2, 128, 24)
+    for i, s in enumerate(starts.tolist()):
+        w = reader.window("train", s, s + 128)  # 128-token windows cross the 512-token shards
+        assert np.array_equal(mb.extra["kd_ids"][i].numpy(), w.extra["kd_ids"].astype(np.int64))
+        assert np.array_equal(mb.extra["hidden"][i].numpy(), w.extra["hidden"])
