@@ -11,6 +11,8 @@ Runs in one process on the same random teacher, SAE and windows:
                 (einsum attention, hook points), when ``transformer-lens`` 3.x is installed
   (c) forward   ``model(ids)`` under ``no_grad`` (fp32 as (a)): the floor
   (a_bf16)      (a) under bf16 autocast (``extract --dtype bfloat16``), on CUDA only
+  (a_kd)        (a) with ``--kd-samples N`` KD targets drawn in the same head pass (uniforms made
+                per window on the CPU, as ``extract`` does); printed as a_kd time / a time (goal <= 1.10)
 
 Everything runs in fp32, with TF32 matmuls on CUDA as the official ``main.py`` sets them.
 
@@ -20,6 +22,7 @@ label agreement of (a) and (b) on slots with a positive score, and MFU on CUDA.
     python bench/extract.py                 # scaled-down GPT-2 shapes on CPU (fast)
     python bench/extract.py --full          # more windows, wider model (CPU)
     python bench/extract.py --gpu-shapes    # GPT-2 small: d 768, 12 layers, 32768 latents, window 1024
+    python bench/extract.py --kd-samples 32 # + the cost of 32 KD samples per token
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
+from cocomix.stage1_extract.kd_samples import batch_uniforms
 from cocomix.stage1_extract.sae import TopKSAE, scatter_latents
 from cocomix.stage1_extract.teacher import Teacher
 
@@ -186,6 +190,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=int, default=None, help="timed batches per method")
     ap.add_argument("--batch", type=int, default=None, help="windows per batch (e.g. 1 for --gpu-shapes on a CPU)")
+    ap.add_argument("--kd-samples", type=int, default=0, help="also time (a) with this many KD samples per token (a_kd)")
+    ap.add_argument("--only-kd", action="store_true", help="with --kd-samples: time only (a) and (a_kd)")
     args = ap.parse_args()
     shapes = GPU if args.gpu_shapes else CPU_FULL if args.full else CPU
     if args.batches:
@@ -193,10 +199,34 @@ def main() -> None:
     if args.batch:
         shapes.batch = args.batch
     device = torch.device(args.device)
-    run(shapes, device)
+    if args.only_kd:
+        run_kd(shapes, device, args.kd_samples or 32)
+    else:
+        run(shapes, device, args.kd_samples)
 
 
-def run(shapes: Shapes, device: torch.device) -> None:
+def kd_method(teacher, sae, shapes: Shapes, n_samples: int):
+    """(a) with KD samples, the uniforms made as ``extract`` makes them (numpy, per window, on the CPU)."""
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4, kd_samples=n_samples)
+    return lambda ids: label_batch(teacher, sae, ids, spec, batch_uniforms("train", 0, *ids.shape, n_samples))
+
+
+def run_kd(shapes: Shapes, device: torch.device, n_samples: int) -> None:
+    """Only (a) and (a_kd): the KD overhead, the same shapes, one run."""
+    teacher, sae = build(shapes, device)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
+               for _ in range(shapes.batches)]
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4)
+    rates = timed({"a_ours": lambda ids: label_batch(teacher, sae, ids, spec),
+                   "a_kd": kd_method(teacher, sae, shapes, n_samples)}, batches, device)
+    print(f"device {device}; shapes {shapes}")
+    for name, rate in rates.items():
+        print(f"  {name:<11} {rate:>12,.0f} tokens/s")
+    print(f"  a_kd time / a time = {rates['a_ours'] / rates['a_kd']:.3f}   ({n_samples} KD samples per token; goal <= 1.10)")
+
+
+def run(shapes: Shapes, device: torch.device, kd_samples: int = 0) -> None:
     teacher, sae = build(shapes, device)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
@@ -219,6 +249,8 @@ def run(shapes: Shapes, device: torch.device) -> None:
     }
     if device.type == "cuda":  # `--dtype bfloat16`
         methods["a_ours_bf16"] = lambda ids: label_batch(teacher, sae, ids, bf16)
+    if kd_samples:
+        methods["a_kd"] = kd_method(teacher, sae, shapes, kd_samples)
     tl_model = build_official_tl(shapes, device)
     if tl_model is not None:
         methods["b_official_tl"] = lambda ids: official_tl_step(tl_model, sae, ids, shapes.layer, 4)
@@ -249,6 +281,8 @@ def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree
     else:
         print("  a/b_tl: not measured (pip install -e '.[bench]' for the official TransformerLens path)")
     print(f"  a/c = {rates['a_ours'] / rates['c_forward']:.2f}   (goal >= 0.5)")
+    if "a_kd" in rates:
+        print(f"  a_kd time / a time = {rates['a_ours'] / rates['a_kd']:.3f}   (KD samples in the same pass; goal <= 1.10)")
     print(f"  label agreement with (b) on positive-score slots: (a) {agree['a_ours']:.4f}, (a, bf16 autocast) {agree['a_ours_bf16']:.4f}")
 
 

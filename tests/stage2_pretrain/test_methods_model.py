@@ -125,14 +125,20 @@ def test_hidden_losses_equal_the_plain_formulas(loss):
     assert set(HIDDEN_LOSSES) == {"l1", "l2", "cosine"}
 
 
-def test_kd_loss_equals_the_plain_formula_and_its_gradient():
-    logits = torch.randn(2, 9, V, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_equals_the_plain_formula_and_its_gradient(dtype, monkeypatch):
+    from cocomix.stage2_pretrain.kd import FusedKd
+
+    monkeypatch.setattr(FusedKd, "CHUNK", 5)  # several chunks, the last one partial
+    logits = torch.randn(2, 9, V).to(dtype).requires_grad_(True)
     ids = tokens(2, 9)
     kd_ids = torch.randint(0, V, (2, 9, 5), generator=torch.Generator().manual_seed(7))
+    kd_ids[0, 0] = 3  # duplicate draws count each time
     got, want = ntp_and_kd(logits, ids, kd_ids), kd_reference(logits, ids, kd_ids)
     assert_close(got.ntp, want.ntp) and assert_close(got.kd, want.kd)
     (g_got,) = torch.autograd.grad(0.3 * got.ntp + 0.7 * got.kd, logits)
     (g_want,) = torch.autograd.grad(0.3 * want.ntp + 0.7 * want.kd, logits)
+    assert g_got.dtype == dtype
     assert_close(g_got, g_want)
     assert (g_got[:, -1] == 0).all()  # the last position of a window predicts nothing
 
