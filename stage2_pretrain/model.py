@@ -390,3 +390,7 @@ def combine(ntp_loss: torch.Tensor | None, concept_loss: torch.Tensor | None, la
 
 AutoConfig.register("cocomix", CoCoMixConfig)
 AutoModelForCausalLM.register(CoCoMixConfig, CoCoMixForCausalLM)
+
+# The pause student reuses this file's body and registers itself; importing it here registers both
+# students wherever one is (every name it needs is defined above).
+from cocomix.stage2_pretrain import model_pause  # noqa: E402,F401

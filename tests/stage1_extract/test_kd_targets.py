@@ -188,3 +188,20 @@ def test_activation_selection_samples_the_same_distribution(teacher_dir, openai_
     b = label_batch(teacher, sae, ids_BT, AttributionSpec(layer=LAYER, kd_samples=KD, selection="activation"), u)
     assert (a.kd_ids_BTS == b.kd_ids_BTS).float().mean() > 0.999
     F.one_hot(a.kd_ids_BTS, teacher.model.config.vocab_size)  # valid ids
+
+
+@pytest.mark.slow
+def test_a_kd_student_trains_on_what_extract_wrote(tmp_path, token_store, teacher_dir, openai_sae_file):
+    """The whole path: ``extract --kd-samples`` on the tiny teacher, then ``pretrain --method pause-kd`` on it."""
+    from cocomix.stage2_pretrain.config import PretrainConfig
+    from cocomix.stage2_pretrain.train import run_pretrain
+
+    targets = tmp_path / "targets"
+    run_extract(config(token_store, teacher_dir, openai_sae_file, targets, splits="train", window=64, windows_per_shard=8,
+                       batch_size=8, kd_samples=4))
+    res = run_pretrain(PretrainConfig(method="pause-kd", size="tiny", tokens=str(token_store), targets=str(targets),
+                                      out=str(tmp_path / "run"), max_steps=2, batch_tokens=256, save_every=0,
+                                      eval_every=0, log_every=1))
+    rec = [json.loads(line) for line in (res.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec if r["kind"] == "train"] == [1, 2]
+    assert all(r["kd_loss"] > 0 for r in rec if r["kind"] == "train")

@@ -134,3 +134,4 @@ def test_kd_alpha_zero_is_plain_ntp(tmp_path, token_store, full_targets_dir):
                                               save_every=0)))
     a, b = records(kd.out), records(ntp.out)
     torch.testing.assert_close(torch.tensor([r["ntp_loss"] for r in a]), torch.tensor([r["ntp_loss"] for r in b]))
+
