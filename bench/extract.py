@@ -135,19 +135,19 @@ def official_tl_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr:
 
 
 def timed(methods: dict[str, Callable[[torch.Tensor], object]], batches: list[torch.Tensor],
-          device: torch.device) -> dict[str, float]:
+          device: torch.device, clock=time.perf_counter) -> dict[str, float]:
     """tokens/s of each method: one warm-up call each, then the methods take turns on every batch
-    (so a busy machine slows all of them alike) and each gets its median batch time."""
+    (so a busy machine slows all of them alike) and each gets its median batch time (by ``clock``)."""
     for fn in methods.values():
         fn(batches[0])
     times: dict[str, list[float]] = {name: [] for name in methods}
     for ids in batches:
         for name, fn in methods.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(ids)
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: batches[0].numel() / statistics.median(ts) for name, ts in times.items()}
 
 
@@ -212,14 +212,17 @@ def kd_method(teacher, sae, shapes: Shapes, n_samples: int):
 
 
 def run_kd(shapes: Shapes, device: torch.device, n_samples: int) -> None:
-    """Only (a) and (a_kd): the KD overhead, the same shapes, one run."""
+    """Only (a) and (a_kd): the KD overhead, the same shapes, one run. On CPU the clock is this
+    process's CPU time: on a shared machine wall time measures the neighbours (a 1-2 % effect can
+    drown in 20 % of scheduling noise)."""
     teacher, sae = build(shapes, device)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
                for _ in range(shapes.batches)]
     spec = AttributionSpec(layer=shapes.layer, k_attr=4)
     rates = timed({"a_ours": lambda ids: label_batch(teacher, sae, ids, spec),
-                   "a_kd": kd_method(teacher, sae, shapes, n_samples)}, batches, device)
+                   "a_kd": kd_method(teacher, sae, shapes, n_samples)}, batches, device,
+                  clock=time.perf_counter if device.type == "cuda" else time.process_time)
     print(f"device {device}; shapes {shapes}")
     for name, rate in rates.items():
         print(f"  {name:<11} {rate:>12,.0f} tokens/s")
