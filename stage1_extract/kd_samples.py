@@ -47,10 +47,12 @@ def sample_from_probs(probs_nV: torch.Tensor, u_nS: torch.Tensor) -> torch.Tenso
     """
     n, V = probs_nV.shape
     out_nS = torch.empty(u_nS.shape, dtype=torch.int64, device=probs_nV.device)
+    u_nS = u_nS.to(probs_nV.device, torch.float32)
+    buffer = torch.empty(min(n, CDF_CHUNK_ROWS), V, dtype=torch.float32, device=probs_nV.device)  # reused
     for s in range(0, n, CDF_CHUNK_ROWS):
         e = min(n, s + CDF_CHUNK_ROWS)
-        cdf_cV = torch.cumsum(probs_nV[s:e].float(), dim=-1)
-        target_cS = u_nS[s:e].to(cdf_cV.device, torch.float32) * cdf_cV[:, -1:]
+        cdf_cV = torch.cumsum(probs_nV[s:e], dim=-1, dtype=torch.float32, out=buffer[: e - s])
+        target_cS = u_nS[s:e] * cdf_cV[:, -1:]
         out_nS[s:e] = torch.searchsorted(cdf_cV, target_cS, right=True).clamp_(max=V - 1)
     return out_nS
 
