@@ -8,9 +8,9 @@ the official dense compress for comparison, and the data loader's rate vs what a
 
 A step = forward + backward + AdamW step (+ zero_grad). The variants are timed round-robin (a
 round of each, repeated) so that load drift on a shared machine hits them alike; medians are
-reported. Goals: CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x the step's token
-consumption; with ``--methods``, each method's step time / NTP's within 1.10x of its FLOP ratio
-(:func:`method_flops_per_token`), every method at the width matched to the CoCoMix student.
+reported. Goals (cost model in docs/ARCHITECTURE.md): CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x
+the step's token consumption; with ``--methods``, each method's step time / NTP's within 1.10x of its
+FLOP ratio (:func:`method_flops_per_token`), every method at the width matched to the CoCoMix student.
 """
 from __future__ import annotations
 

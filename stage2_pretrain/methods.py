@@ -26,9 +26,9 @@ from torch import nn
 
 from cocomix.pipeline.errors import ConfigError
 
-from .kd import kd_combine, ntp_and_kd
-from .model import next_token_loss
-from .presets import PAPER_LATENTS, PAPER_VOCAB, ParamCount, Preset, build_model, count_params
+from cocomix.stage2_pretrain.kd import kd_combine, ntp_and_kd
+from cocomix.stage2_pretrain.model import next_token_loss
+from cocomix.stage2_pretrain.presets import PAPER_LATENTS, PAPER_VOCAB, ParamCount, Preset, build_model, count_params
 
 METHODS = ("cocomix", "ntp", "kd", "pause", "pause-kd")
 MIX_CHOICES = ("interleave", "add", "none")
@@ -121,7 +121,7 @@ def build_student(spec: MethodSpec, preset: Preset, width: int, shape: StudentSh
     if spec.arch == "gpt2":
         return build_model("ntp", dataclasses.replace(preset, ntp_d=width), vocab_size=shape.vocab_size, eos_id=shape.eos_id)
     if spec.arch == "pause":
-        from .model_pause import PauseConfig, PauseForCausalLM
+        from cocomix.stage2_pretrain.model_pause import PauseConfig, PauseForCausalLM
 
         return PauseForCausalLM(PauseConfig(
             vocab_size=shape.vocab_size, n_positions=preset.context, n_embd=width, n_layer=preset.n_layer,
