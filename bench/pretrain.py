@@ -72,7 +72,8 @@ class DenseBottleneck(ConceptBottleneck):
 class UnfusedBottleneck(ConceptBottleneck):
     """Plain autograd ``topk`` + :func:`concept_ce` instead of the fused :class:`SelectAndScore`."""
 
-    def forward(self, h_BTD: torch.Tensor, ids_BTK: torch.Tensor | None = None) -> ConceptStep:
+    def forward(self, h_BTD: torch.Tensor, concept_ids: torch.Tensor | None = None, **_) -> ConceptStep:
+        ids_BTK = concept_ids
         norm = layernorm_unbiased(h_BTD)
         z_BTL = self.predictor(norm.x - self.pre_bias)
         top = z_BTL.topk(self.k_concept, dim=-1)
