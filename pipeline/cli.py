@@ -11,6 +11,7 @@ from cocomix.pipeline import __version__
 from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
+from cocomix.pipeline.study import StudyConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
 from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
@@ -49,6 +50,7 @@ COMMANDS = {
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
+    "study": (app, StudyConfig, "cocomix.pipeline.study:run_study"),
 }
 
 for _name, (_app, _cfg, _run) in COMMANDS.items():

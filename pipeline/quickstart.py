@@ -94,6 +94,11 @@ def stdlib_corpus(out: Path, max_bytes: int) -> Path:
     return out
 
 
+def quickstart_paths(workspace: str | None) -> dict[str, Path]:
+    """Artifact name -> folder of the quickstart in ``workspace`` (see ``--workspace``)."""
+    return _paths(workspace_root(workspace) / "quickstart")
+
+
 def _paths(root: Path) -> dict[str, Path]:
     names = ("corpus", "tokens", "teacher", "sae", "targets", "cocomix", "ntp")
     return {name: root / name for name in names}
