@@ -218,6 +218,9 @@ def plan_lines(study: Study, launch: str) -> list[str]:
     spec, cli = study.spec, f"{launch} -m cocomix.pipeline.cli"
     lines = [f"# study {spec.name}: {len(study.runs)} runs x {len(study.seeds)} seeds = "
              f"{len(study.runs) * len(study.seeds)} pretrain jobs ({spec.source})"]
+    if spec.prepare == "quickstart":
+        lines.append(f"# first: cocomix quickstart --workspace {shlex.quote(str(study.workspace))} "
+                     "(or `cocomix study` itself) builds the tokens, teacher and SAE this spec reads")
     missing = [t for t in spec.targets.values() if not (t.path / "manifest.json").exists()]
     if missing:
         lines.append("# stage 1 first (in this order): target folders not finished yet")

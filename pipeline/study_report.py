@@ -111,8 +111,8 @@ def summarize(results: list[RunResult], order: list[str], baseline: str) -> list
 
 # ----------------------------------------------------------------------------- results.md
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table (first column left-aligned, the others right-aligned)."""
-    align = [":---"] + ["---:"] * (len(headers) - 1)
+    """A GitHub markdown table (the first two columns left-aligned, the others right-aligned)."""
+    align = [":---", ":---"] + ["---:"] * (len(headers) - 2)
     lines = [headers, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
@@ -191,6 +191,7 @@ def plot_curves(summaries: list[MethodSummary], baseline: str, path: Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
     drawn = [s for s in summaries if s.curve]
     if not drawn:
@@ -208,6 +209,11 @@ def plot_curves(summaries: list[MethodSummary], baseline: str, path: Path, title
     if base:
         ax.axhline(base.ppl.mean, color="grey", linestyle=":", linewidth=1, label=f"{baseline} final ({base.ppl.mean:.2f})")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / low < 10 else FuncFormatter(lambda v, _: ""))  # within a decade: label minor ticks
+    ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity (log scale)")
     ax.set_title(title)
