@@ -196,14 +196,17 @@ def train_one(study: Study, name: str, seed: int, statuses: dict[str, str]) -> s
 
 
 # ----------------------------------------------------------------------------- --plan
+ALWAYS = ("method", "size", "seed")  #: flags a --plan line spells out even at their default (easier to read)
+
+
 def config_argv(cfg, command: str) -> list[str]:
-    """The CLI arguments that rebuild ``cfg`` (positionals first, then every flag off its default)."""
+    """The CLI arguments that rebuild ``cfg`` (positionals first, then ALWAYS and every flag off its default)."""
     argv = [command]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.metadata.get("positional"):
             argv.insert(1, str(value))
-        elif value != f.default:
+        elif value != f.default or (f.name in ALWAYS and value is not None):
             if isinstance(value, bool):
                 argv.append(flag_name(f.name) if value else f"--no-{f.name.replace('_', '-')}")
             elif value is not None:
