@@ -133,7 +133,7 @@ def prepare_inputs(study: Study) -> None:
         log.info("study %s: tokens, teacher and SAE of the quickstart in %s (built once, then reused)",
                  spec.name, study.workspace / "quickstart")
         build_teacher_chain(quickstart_paths(str(study.workspace)), QuickstartConfig(workspace=str(study.workspace)))
-    for target in spec.targets.values():
+    for target in needed_targets(study):
         if (target.path / "manifest.json").exists():
             continue
         if not target.extract:
@@ -143,6 +143,12 @@ def prepare_inputs(study: Study) -> None:
 
         log.info("study %s: extracting targets.%s into %s", spec.name, target.name, target.path)
         run_extract(extract_config(spec, target, study.workspace))
+
+
+def needed_targets(study: Study) -> list:
+    """The target folders the selected runs read, in spec order (the first may tokenize for the others)."""
+    used = {study.spec.run(name).targets for name in study.runs}
+    return [t for t in study.spec.targets.values() if t.name in used]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -224,7 +230,7 @@ def plan_lines(study: Study, launch: str) -> list[str]:
     if spec.prepare == "quickstart":
         lines.append(f"# first: cocomix quickstart --workspace {shlex.quote(str(study.workspace))} "
                      "(or `cocomix study` itself) builds the tokens, teacher and SAE this spec reads")
-    missing = [t for t in spec.targets.values() if not (t.path / "manifest.json").exists()]
+    missing = [t for t in needed_targets(study) if not (t.path / "manifest.json").exists()]
     if missing:
         lines.append("# stage 1 first (in this order): target folders not finished yet")
         for t in missing:
