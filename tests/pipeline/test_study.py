@@ -198,3 +198,16 @@ def test_config_argv_round_trips_bools_and_defaults(tmp_path):
 
     cfg = PretrainConfig(method="ntp", size="tiny", resume=True, lam=0.0, out=str(tmp_path / "a b"))
     assert parse_cli("x -m cocomix.pipeline.cli " + shlex.join(config_argv(cfg, "pretrain"))) == cfg
+
+
+def test_cli_refuses_a_bad_run_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cocomix.pipeline.cli import app
+
+    spec = write_spec(tmp_path, **{"lam = 0.2": "lam = 0.2\nkd_alphaa = 0.5"})
+    result = CliRunner().invoke(app, ["study", spec, "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "run 'cocomix': unknown key 'kd_alphaa'" in lines[0]
+    assert not (tmp_path / "ws").exists()
