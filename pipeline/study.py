@@ -130,9 +130,14 @@ def prepare_inputs(study: Study) -> None:
     if spec.prepare == "quickstart":
         from cocomix.pipeline.quickstart import QuickstartConfig, build_teacher_chain, quickstart_paths
 
+        recorded = study.workspace / "quickstart" / "quickstart.json"  # a quickstart run there: reuse it as it was made
+        settings = json.loads(recorded.read_text()) if recorded.exists() else {}
+        known = {f.name for f in dataclasses.fields(QuickstartConfig)}
+        settings = {k: v for k, v in settings.items() if k in known} | {"workspace": str(study.workspace), "fresh": False}
+        qcfg = QuickstartConfig(**settings)
         log.info("study %s: tokens, teacher and SAE of the quickstart in %s (built once, then reused)",
                  spec.name, study.workspace / "quickstart")
-        build_teacher_chain(quickstart_paths(str(study.workspace)), QuickstartConfig(workspace=str(study.workspace)))
+        build_teacher_chain(quickstart_paths(str(study.workspace)), qcfg)
     for target in needed_targets(study):
         if (target.path / "manifest.json").exists():
             continue

@@ -211,3 +211,29 @@ def test_cli_refuses_a_bad_run_in_one_line(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "run 'cocomix': unknown key 'kd_alphaa'" in lines[0]
     assert not (tmp_path / "ws").exists()
+
+
+def test_summaries_and_table_from_run_results(tmp_path):
+    """Per-run numbers -> per-method rows: spread, paired interval, tokens to the baseline, task columns."""
+    import json
+
+    from cocomix.pipeline.study_report import RunResult, read_task_scores, results_table, summarize
+
+    (tmp_path / "eval.json").write_text(json.dumps({"val_ppl": 3.0, "tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.62},
+                                                                              "lambada_openai": 0.4}}))
+    assert read_task_scores(tmp_path / "eval.json") == {"piqa": 0.62, "lambada_openai": 0.4}
+    ntp = [RunResult("ntp", s, "ntp", [(100, 60.0 + s), (200, 40.0 + s)], 40.0 + s, 1000, 0.5, 200, {"piqa": 0.5})
+           for s in (0, 1)]
+    coco = [RunResult("cocomix", s, "cocomix", [(100, 44.0 + s), (200, 30.0 + 3 * s)], 30.0 + 3 * s, 990, 0.6, 200,
+                      {"piqa": 0.6 + s / 10}) for s in (0, 1)]
+    rows = summarize(ntp + coco, ["ntp", "cocomix"], "ntp")
+    n, c = rows
+    assert n.ppl.mean == 40.5 and c.ppl.mean == 31.5 and c.ppl.std == pytest.approx(math.sqrt(4.5))
+    # diffs -10 and -8: mean -9, sd sqrt(2), half width 12.706 * sqrt(2) / sqrt(2)
+    assert c.diff.mean == -9.0 and c.diff.low == pytest.approx(-9 - 12.706) and c.diff.high == pytest.approx(-9 + 12.706)
+    # mean cocomix curve (100, 44.5), (200, 31.5); ntp's final 40.5 is crossed at 100 + (44.5 - 40.5) / 13 * 100
+    assert c.reach.tokens == pytest.approx(100 + 4 / 13 * 100) and not c.reach.at_most
+    assert n.reach.tokens == pytest.approx(200)
+    table = results_table(rows, "ntp")
+    assert table.splitlines()[0].endswith("| piqa |")
+    assert "-9.00 [-21.71, +3.71]" in table and "0.65 ± 0.07" in table and "-34.6%" in table

@@ -133,3 +133,28 @@ def test_study_runs_resumes_after_a_kill_and_reports(tmp_path, token_store, teac
     calls.clear()
     again = run_study(cfg)
     assert calls == [] and set(again.statuses.values()) == {"done"}
+
+
+@pytest.mark.slow
+def test_study_builds_on_the_quickstart_chain(tmp_path):
+    """`prepare = "quickstart"` (the `mini` built-in's way to its inputs): the quickstart's tokens, teacher
+    and SAE are built as a quickstart there recorded them, then the study extracts from them and trains."""
+    from cocomix.pipeline.quickstart import QuickstartConfig
+
+    ws = tmp_path / "ws"
+    (ws / "quickstart").mkdir(parents=True)
+    small = QuickstartConfig(workspace=str(ws), corpus_mb=0.15, vocab_size=400, teacher_width=32, teacher_steps=4,
+                             sae_latents=64, sae_k=8, sae_tokens=4096)
+    import dataclasses
+
+    (ws / "quickstart" / "quickstart.json").write_text(json.dumps(dataclasses.asdict(small)))
+    spec = tmp_path / "qs.toml"
+    spec.write_text(SPEC.replace('tokens = "TOKENS"', 'tokens = "{quickstart}/tokens"')
+                    .replace('[study]\nname = "e2e"\nseeds = [0, 1]', '[study]\nname = "e2e"\nseeds = [0]\nprepare = "quickstart"')
+                    .replace('"TEACHER"', '"{quickstart}/teacher/final"').replace('"SAE"', '"{quickstart}/sae"')
+                    .replace("window = 64", "window = 128"))
+    result = run_study(StudyConfig(spec=str(spec), workspace=str(ws)))
+    teacher = json.loads((ws / "quickstart" / "teacher" / "final" / "config.json").read_text())
+    assert teacher["n_embd"] == 32  # the recorded quickstart settings, not the defaults
+    assert set(result.statuses.values()) == {"trained"}
+    assert all(s.ppl is not None for s in result.summaries)
