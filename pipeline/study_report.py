@@ -15,8 +15,9 @@ from .study_stats import Interval, Reach, Spread, mean_curve, paired_interval, s
 
 log = logging.getLogger(__name__)
 
-#: lm-eval metrics shown for a task, first found wins (accuracy-like first, then perplexities)
-TASK_METRICS = ("acc_norm", "acc", "word_perplexity", "perplexity", "ppl")
+#: the one score shown per task, first found wins: a perplexity where the task has one (the paper's
+#: LAMBADA and WikiText columns), else accuracy
+TASK_METRICS = ("word_perplexity", "perplexity", "acc", "acc_norm")
 
 
 class RunResult(NamedTuple):
@@ -73,16 +74,18 @@ def read_run(out: Path, run: str, seed: int) -> RunResult | None:
 
 
 def read_task_scores(path: Path) -> dict[str, float]:
-    """Task -> score from an eval.json's ``tasks`` entry (a number, or a dict of metrics: see TASK_METRICS)."""
+    """Task -> score from an eval.json's ``tasks`` entry: ``{task: {"metrics": {metric: value}}}`` as
+    ``cocomix eval --tasks`` writes it (metric names may carry lm-eval's ``,filter`` suffix), or a plain
+    number per task; the metric is the first of TASK_METRICS the task has."""
     if not path.exists():
         return {}
-    tasks = json.loads(path.read_text()).get("tasks") or {}
     scores = {}
-    for task, value in tasks.items():
-        if isinstance(value, dict):
-            value = next((value[m] for m in TASK_METRICS if isinstance(value.get(m), (int, float))), None)
-        if isinstance(value, (int, float)):
-            scores[task] = float(value)
+    for task, entry in (json.loads(path.read_text()).get("tasks") or {}).items():
+        if isinstance(entry, dict):
+            metrics = {k.split(",")[0]: v for k, v in (entry.get("metrics") or entry).items()}
+            entry = next((metrics[m] for m in TASK_METRICS if isinstance(metrics.get(m), (int, float))), None)
+        if isinstance(entry, (int, float)):
+            scores[task] = float(entry)
     return scores
 
 

@@ -219,9 +219,10 @@ def test_summaries_and_table_from_run_results(tmp_path):
 
     from cocomix.pipeline.study_report import RunResult, read_task_scores, results_table, summarize
 
-    (tmp_path / "eval.json").write_text(json.dumps({"val_ppl": 3.0, "tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.62},
-                                                                              "lambada_openai": 0.4}}))
-    assert read_task_scores(tmp_path / "eval.json") == {"piqa": 0.62, "lambada_openai": 0.4}
+    tasks = {"piqa": {"metrics": {"acc,none": 0.6, "acc_norm,none": 0.62}, "stderr": {"acc,none": 0.01}},
+             "lambada_openai": {"metrics": {"acc": 0.3, "perplexity": 90.5}}, "other": 0.4}
+    (tmp_path / "eval.json").write_text(json.dumps({"val_ppl": 3.0, "tasks": tasks}))
+    assert read_task_scores(tmp_path / "eval.json") == {"piqa": 0.6, "lambada_openai": 90.5, "other": 0.4}
     ntp = [RunResult("ntp", s, "ntp", [(100, 60.0 + s), (200, 40.0 + s)], 40.0 + s, 1000, 0.5, 200, {"piqa": 0.5})
            for s in (0, 1)]
     coco = [RunResult("cocomix", s, "cocomix", [(100, 44.0 + s), (200, 30.0 + 3 * s)], 30.0 + 3 * s, 990, 0.6, 200,
