@@ -238,3 +238,14 @@ def test_summaries_and_table_from_run_results(tmp_path):
     table = results_table(rows, "ntp")
     assert table.splitlines()[0].endswith("| piqa |")
     assert "-9.00 [-21.71, +3.71]" in table and "0.65 ± 0.07" in table and "-34.6%" in table
+
+
+def test_readme_spec_example_is_valid(tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    spec = tmp_path / "my-grid.toml"
+    spec.write_text(block)
+    study = open_study(StudyConfig(spec=str(spec), workspace=str(tmp_path)))
+    assert [r.name for r in study.spec.runs] == ["ntp", "lam-0"] and study.spec.run("lam-0").flags["lam"] == 0.0
