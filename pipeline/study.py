@@ -29,8 +29,8 @@ from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.pipeline.logs import console
 from cocomix.pipeline.workspace import workspace_root
 
-from . import study_report as report
-from .study_spec import Spec, extract_config, load_spec, pretrain_config, run_dir, task_eval_config, validate
+from cocomix.pipeline import study_report as report
+from cocomix.pipeline.study_spec import Spec, extract_config, load_spec, pretrain_config, run_dir, task_eval_config, validate
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from .study_stats import Interval, Reach, Spread, mean_curve, paired_interval, spread, tokens_to_reach
+from cocomix.pipeline.study_stats import Interval, Reach, Spread, mean_curve, paired_interval, spread, tokens_to_reach
 
 log = logging.getLogger(__name__)
 

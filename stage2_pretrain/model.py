@@ -1,4 +1,4 @@
-"""The CoCoMix student (DESIGN.md §5): a GPT-2 that predicts SAE concepts and mixes them back in.
+"""The CoCoMix student (docs/ARCHITECTURE.md, stage 2): a GPT-2 that predicts SAE concepts and mixes them back in.
 
 Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, projects/cocomix):
 
@@ -14,7 +14,7 @@ Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, project
 5. next-token logits come from the ``c`` positions -> ``ln_f`` -> tied ``lm_head``.
 
 Loss = CE_ntp + lam * concept CE. Officially the concept CE is ``(1/K) sum_i mean_t CE(z_t, label_ti)``,
-i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (DESIGN.md §4's fix)
+i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (see docs/ARCHITECTURE.md)
 are dropped and the mean is over the remaining slots; with no ignored slot both are equal.
 
 Shape legend: B batch, T tokens, S = 2T interleaved positions, D width, H heads, E head width,

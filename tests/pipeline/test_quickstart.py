@@ -30,7 +30,7 @@ def test_quickstart_end_to_end(tmp_path):
     teacher_cfg = json.loads((root / "teacher" / "final" / "config.json").read_text())
     assert teacher_cfg["n_embd"] == cfg.teacher_width == 128
     assert math.isfinite(result.val_ppl["teacher"]) and result.active_params["teacher"] > 2 * result.active_params["ntp"]
-    # matched active parameters (DESIGN.md §5): the NTP width is chosen for this vocabulary and SAE
+    # matched active parameters: the NTP width is chosen for this vocabulary and SAE
     ratio = result.active_params["ntp"] / result.active_params["cocomix"]
     assert abs(ratio - 1) < 0.05, result.active_params
     # a second run finds every step finished and redoes nothing
