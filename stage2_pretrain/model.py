@@ -257,6 +257,15 @@ class CoCoMixForCausalLM(PreTrainedModel):
         return CoCoMixOutput(loss=combine(ntp_loss, step.loss, cfg.lam), ntp_loss=ntp_loss,
                              concept_loss=step.loss, logits=logits_BTV, concept_logits=step.z_BTL)
 
+    def predict_concepts(self, input_ids: torch.Tensor) -> ConceptStep:
+        """The concept step of ``forward`` alone (blocks below ``insert_layer`` only): z and its top-C."""
+        body = self.transformer
+        pos_T = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h_BTD = body.drop(body.wte(input_ids) + body.wpe(pos_T))
+        for block in body.h[:self.config.insert_layer]:
+            h_BTD = block(h_BTD)
+        return self.concept(h_BTD)
+
 
 # ----------------------------------------------------------------------------- losses
 def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
