@@ -7,6 +7,7 @@ from cocomix.pipeline.configs import arg, flag, flag_name
 from cocomix.pipeline.errors import ConfigError
 
 METHODS = ("cocomix", "ntp")
+LABEL_WINDOWS = ("aligned", "free")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -33,6 +34,7 @@ class PretrainConfig:
     save_every: int = flag(1000, help="Checkpoint every N steps (0: only at the end).")
     keep_last: int = flag(3, help="Checkpoints kept (older ones deleted); 0 keeps all.")
     log_every: int = flag(10, help="Console/metrics line every N steps.")
+    label_windows: str = flag("aligned", help="`aligned`: each epoch's windows start at one of the offsets the targets were extracted for (`extract --offsets N`; a new one each epoch) and read that offset's labels, computed on exactly those windows. `free` (ablation): the official loader's random shift in [0, T], labels read from the offset-0 set at the shifted positions, i.e. computed on other window boundaries. NTP runs without --targets always shift freely.")
     lam: float = flag(0.1, help="Concept-loss weight lambda.")
     precision: str = flag("auto", help="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` (autocast on any device) or `fp32`. Weights and AdamW state stay fp32.")
     tracker: str | None = flag(None, help="Also log to `tensorboard` or `wandb` through Accelerate.")
@@ -44,6 +46,8 @@ class PretrainConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.label_windows not in LABEL_WINDOWS:
+            raise ConfigError(f"--label-windows must be one of {', '.join(LABEL_WINDOWS)}, got {self.label_windows!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows", "width"):

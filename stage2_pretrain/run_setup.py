@@ -23,7 +23,7 @@ from . import checkpoint as ckpt_io
 from . import rundir
 from .config import PretrainConfig
 from .data import DataState, TargetSource, TokenSource, TrainStream
-from .inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
+from .inputs import TrainInputs, check_label_windows, check_model_matches_targets, open_inputs, spot_check_alignment
 from .metrics import RunLog, check_tracker, truncate_metrics
 from .optim import make_optimizer, make_scheduler
 from .plan import RunPlan, make_plan
@@ -140,12 +140,15 @@ def prepare_for_accelerate(model) -> None:
 
 
 def make_stream(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
+    """Aligned: windows at the targets' offsets (an NTP run with --targets sees the same windows
+    as CoCoMix on them); free, or NTP without targets: the official free shift."""
+    aligned = cfg.label_windows == "aligned" and inputs.targets is not None
     if plan.method == "ntp":
         source = TokenSource(inputs.store, "train")
     else:
-        source = TargetSource(inputs.targets, "train")
-    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum,
-                       world=plan.world, rank=rank, seed=cfg.seed)
+        source = TargetSource(inputs.targets, "train", aligned=aligned)
+    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum, world=plan.world,
+                       rank=rank, seed=cfg.seed, offsets=inputs.targets.offsets if aligned else None)
 
 
 def run_record(cfg: PretrainConfig, plan: RunPlan, model, inputs: TrainInputs) -> dict:
@@ -171,6 +174,8 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
     if cfg.method == "cocomix":
         spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
+    if cfg.method == "cocomix" or (inputs.targets is not None and cfg.label_windows == "aligned"):
+        check_label_windows(inputs.targets, inputs.targets_path, plan.context, cfg.size, cfg.label_windows)
     if acc.is_main_process:
         rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
     acc.wait_for_everyone()
