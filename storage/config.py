@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from cocomix.pipeline.configs import arg, flag
 from cocomix.pipeline.errors import ConfigError
 
-
 NANOGPT_SEED = 2357  #: nanoGPT's data/openwebtext/prepare.py: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
 
 

@@ -11,7 +11,7 @@ from test_targets import K, N_LATENTS, make_meta, open_writer, synthetic_labels,
 from cocomix.pipeline.errors import CocomixError, IntegrityError
 from cocomix.storage.config import InspectConfig, VerifyConfig
 from cocomix.storage.inspect import run_inspect
-from cocomix.storage.targets import TargetReader, plan_shards
+from cocomix.storage.targets import TargetReader, TargetWriter, id_dtype, plan_shards
 from cocomix.storage.token_store import TokenStore
 from cocomix.storage.verify import run_verify
 
@@ -179,10 +179,6 @@ OFFSETS = [0, 23]
 @pytest.fixture
 def offset_targets(tmp_path, token_store):
     """Two label sets of 64-token windows: offset 0 in <split>/, offset 23 in offset-23/<split>/."""
-    from test_targets import id_dtype
-
-    from cocomix.storage.targets import TargetWriter
-
     store = TokenStore.open(token_store)
     plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window=64, windows_per_shard=5, offsets=OFFSETS)
     meta = {**make_meta(store), "offsets": {"rule": "stratified", "seed": 0, "count": 2, "values": OFFSETS}}
