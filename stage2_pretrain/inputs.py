@@ -105,16 +105,19 @@ def check_model_matches_targets(model_config, reader, targets_path: Path, source
 
 
 def spot_check_alignment(reader, store, *, n: int = 4, length: int = 256, seed: int = 0) -> None:
-    """Compare a few random stretches of the shards' ``token`` column with the store (cheap; full check: ``cocomix verify``)."""
+    """Compare a few random stretches of each label set's ``token`` column with the store (cheap; full check: ``cocomix verify``)."""
     split, total = store.split("train"), reader.split_length("train")
     rng = np.random.default_rng(seed)
-    for start in rng.integers(0, max(1, total - length), size=n).tolist():
-        stop = min(start + length, total)
-        if not np.array_equal(reader.window("train", start, stop).tokens, split.read(start, stop)):
-            raise IntegrityError(
-                f"target shards disagree with the token store at train tokens [{start}, {stop}); "
-                "pass the --tokens the targets were extracted from (check with `cocomix verify TARGETS --tokens DIR`)"
-            )
+    for r in reader.offsets:
+        if r >= total:
+            continue
+        for start in rng.integers(r, max(r + 1, total - length), size=n).tolist():
+            stop = min(start + length, total)
+            if not np.array_equal(reader.window("train", start, stop, offset=r).tokens, split.read(start, stop)):
+                raise IntegrityError(
+                    f"target shards disagree with the token store at train tokens [{start}, {stop}) (label set of offset {r}); "
+                    "pass the --tokens the targets were extracted from (check with `cocomix verify TARGETS --tokens DIR`)"
+                )
 
 
 def check_label_windows(reader, targets_path: Path, context: int, size: str, label_windows: str) -> None:
