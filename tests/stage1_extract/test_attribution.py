@@ -4,8 +4,9 @@ The reference (:mod:`cocomix.stage1_extract.official`, shared with ``bench/extra
 RAM ``projects/cocomix/models/concept_extractor.py``: the whole teacher forward (HF GPT-2, and
 the official code's own TransformerLens teacher), ``loss.backward()`` with every parameter
 requiring grad, the OpenAI SAE encode written out from the state dict, the dense
-``(grad_x @ decoder.weight) * latents`` and ``torch.topk`` over all latents. Every slot with a positive score must be identical; every other slot
-must be ``ignore_id`` (the fix of DESIGN.md §4.6).
+``(grad_x @ decoder.weight) * latents`` and ``torch.topk`` over all latents. Every slot with a
+positive score must be identical; every other slot must be ``ignore_id`` (the deliberate
+difference from the official code).
 """
 from __future__ import annotations
 
