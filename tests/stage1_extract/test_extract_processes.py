@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
 from cocomix.storage.targets import TargetReader
