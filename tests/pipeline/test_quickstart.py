@@ -30,6 +30,10 @@ def test_quickstart_end_to_end(tmp_path):
     for method in ("cocomix", "ntp"):
         assert math.isfinite(result.val_ppl[method]) and result.val_ppl[method] > 1
         assert json.loads((result.paths[method] / "final" / "eval.json").read_text())["val_ppl"] == result.val_ppl[method]
+    # the teacher is wider than both students, and its perplexity is reported beside theirs
+    teacher_cfg = json.loads((root / "teacher" / "final" / "config.json").read_text())
+    assert teacher_cfg["n_embd"] == cfg.teacher_width == 128
+    assert math.isfinite(result.val_ppl["teacher"]) and result.active_params["teacher"] > 2 * result.active_params["ntp"]
     # matched active parameters: the NTP width is chosen for this vocabulary and SAE
     ratio = result.active_params["ntp"] / result.active_params["cocomix"]
     assert abs(ratio - 1) < 0.05, result.active_params
