@@ -295,8 +295,9 @@ def bench_loader(shapes: Shapes, n_steps: int) -> dict:
     p = shapes.preset
     with tempfile.TemporaryDirectory() as tmp:
         reader = TargetReader.open(write_synthetic_targets(Path(tmp), shapes))
-        stream = TrainStream(TargetSource(reader, "train"), context=p.context, micro=p.micro_batch, accum=1,
-                             world=1, rank=0, seed=0)
+        aligned = reader.window_length == p.context  # else (--context override) read as the free ablation does
+        stream = TrainStream(TargetSource(reader, "train", aligned=aligned), context=p.context, micro=p.micro_batch,
+                             accum=1, world=1, rank=0, seed=0, offsets=reader.offsets if aligned else None)
         state = stream.next_step(DataState()).state  # first touch of the memory map
         t0 = time.perf_counter()
         for _ in range(n_steps):

@@ -52,13 +52,14 @@ class QuickstartConfig:
     sae_k: int = flag(16, help="Active latents per token of the SAE.")
     sae_tokens: int = flag(1_000_000, help="Activations the SAE trains on.")
     k_attr: int = flag(4, help="Concept labels per token.")
+    offsets: int = flag(4, help="Window offsets labelled by extract (one label set each, N x the extraction time): the default students train about 4 epochs, so every epoch gets windows of its own, each with labels computed on exactly those windows.")
     seed: int = flag(0, help="Seed of the split, the SAE and the students (the teacher uses seed + 1).")
     fresh: bool = flag(False, help="Delete <workspace>/quickstart first instead of resuming it.")
 
     def __post_init__(self) -> None:
         if self.corpus_mb <= 0:
             raise ConfigError(f"--corpus-mb must be > 0, got {self.corpus_mb}")
-        for name in ("teacher_width", "teacher_steps", "student_steps", "sae_latents", "sae_k", "sae_tokens"):
+        for name in ("teacher_width", "teacher_steps", "student_steps", "sae_latents", "sae_k", "sae_tokens", "offsets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
@@ -170,7 +171,7 @@ def _run_chain(paths: dict[str, Path], cfg: QuickstartConfig) -> tuple[dict, dic
     teacher = build_teacher_chain(paths, cfg)
     run_extract(ExtractConfig(tokens=str(paths["tokens"]), teacher=str(teacher.final), sae=str(paths["sae"]),
                               layer=cfg.layer, out=str(paths["targets"]), k_attr=cfg.k_attr, window=_context(cfg),
-                              batch_size=16, device="cpu"))
+                              offsets=cfg.offsets, batch_size=16, device="cpu"))
     ppl, active = {}, {}
     for method in ("cocomix", "ntp"):
         run = _pretrain(method, paths[method], cfg, tokens=paths["tokens"], targets=paths["targets"],

@@ -3,7 +3,7 @@
 The run reads like its table of contents (docs/ARCHITECTURE.md, stage 1):
 
     resolve inputs (tokenize first with --corpus) -> load teacher, SAE, store -> check they agree
-    -> plan shards -> open the writer (refuses another teacher/SAE/layer unless --overwrite)
+    -> plan shards (one label set per window offset) -> open the writer (refuses another teacher/SAE/layer unless --overwrite)
     -> label this rank's pending shards (claim, compute, write) -> barrier
     -> rank 0: finish shards abandoned by dead processes, write the manifest, print the summary
 
@@ -31,6 +31,7 @@ from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
+from cocomix.storage.target_offsets import offsets_record, spread_offsets
 from cocomix.storage.target_reader import load_manifest
 from cocomix.storage.target_writer import folder_identity, sidecar_path
 from cocomix.storage.target_schema import extra_column
@@ -82,7 +83,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 
 def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.device, t0: float) -> ExtractResult:
     spec, ids_dt, score_dt = attribution_spec(cfg, inputs, device)
-    plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard)
+    offsets = spread_offsets(cfg.offsets, cfg.window, cfg.offset_seed)
+    plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard, offsets)
     writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
     with writer:
         pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
@@ -291,7 +293,7 @@ def target_meta(cfg: ExtractConfig, inputs: Inputs, spec: AttributionSpec) -> di
     """The provenance a target folder is identified by (a resumed run must match it exactly)."""
     sae = inputs.sae_info.as_meta()
     sae.update(layer=cfg.layer, location=sae.get("location") or "resid_post")
-    return {
+    meta = {
         "teacher": dict(inputs.teacher.info),
         "tokenizer_sha256": inputs.store.tokenizer_sha256,
         "vocab_size": inputs.store.vocab_size,
@@ -304,6 +306,10 @@ def target_meta(cfg: ExtractConfig, inputs: Inputs, spec: AttributionSpec) -> di
         "compute_dtype": str(spec.autocast_dtype or torch.float32).replace("torch.", ""),
         "tokens": inputs.store.provenance(),
     }
+    offsets = offsets_record(cfg.offsets, cfg.window, cfg.offset_seed)
+    if offsets:  # one offset-0 set records nothing, as folders made before offsets existed
+        meta["offsets"] = offsets
+    return meta
 
 
 def extra_columns(cfg: ExtractConfig, inputs: Inputs) -> dict:

@@ -10,6 +10,7 @@ METHODS = ("cocomix", "ntp", "kd", "pause", "pause-kd")  #: the students of .met
 MIXES = ("interleave", "add", "none")
 CONCEPT_TARGETS = ("concepts", "hidden")
 HIDDEN_LOSSES = ("l1", "l2", "cosine")
+LABEL_WINDOWS = ("aligned", "free")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -36,6 +37,7 @@ class PretrainConfig:
     save_every: int = flag(1000, help="Checkpoint every N steps (0: only at the end).")
     keep_last: int = flag(3, help="Checkpoints kept (older ones deleted); 0 keeps all.")
     log_every: int = flag(10, help="Console/metrics line every N steps.")
+    label_windows: str = flag("aligned", help="`aligned`: each epoch's windows start at one of the offsets the targets were extracted for (`extract --offsets N`; a new one each epoch) and read that offset's labels, computed on exactly those windows. `free` (ablation): the official loader's random shift in [0, T], labels read from the offset-0 set at the shifted positions, i.e. computed on other window boundaries. NTP runs without --targets always shift freely.")
     lam: float = flag(0.1, help="Concept-loss weight lambda (0 = insertion only: concepts mixed in, no concept loss).")
     kd_alpha: float = flag(0.5, help="KD weight alpha in [0, 1] of `kd` / `pause-kd`: loss = (1 - alpha) * CE + alpha * (-(1/N) sum_n log q(id_n)) over the N stored teacher samples.")
     mix: str = flag("interleave", help="CoCoMix ablation: how the concept enters the stream at --insert-layer: `interleave` (the paper: h1, c1, h2, c2, ... on 2T positions), `add` (intervention: h + c on T positions) or `none` (prediction only: concept loss, nothing inserted).")
@@ -61,6 +63,8 @@ class PretrainConfig:
             raise ConfigError(f"--insert-layer must be >= 0, got {self.insert_layer}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.label_windows not in LABEL_WINDOWS:
+            raise ConfigError(f"--label-windows must be one of {', '.join(LABEL_WINDOWS)}, got {self.label_windows!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         for name in ("max_steps", "batch_tokens", "micro_batch", "log_every", "eval_windows", "width"):

@@ -22,7 +22,9 @@ from cocomix.stage2_pretrain import checkpoint as ckpt_io
 from cocomix.stage2_pretrain import rundir
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.data import DataState, TargetSource, TokenSource, TrainStream
-from cocomix.stage2_pretrain.inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
+from cocomix.stage2_pretrain.inputs import (
+    TrainInputs, check_label_windows, check_model_matches_targets, open_inputs, spot_check_alignment,
+)
 from cocomix.stage2_pretrain.methods import (
     MethodSpec, StudentShape, WidthMatch, active_on_meta, build_student, match_width, reference_shape, spec_from_config,
 )
@@ -171,12 +173,15 @@ def prepare_for_accelerate(model) -> None:
 
 
 def make_stream(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
+    """Aligned: windows at the targets' offsets (a run that reads no target column but has --targets,
+    e.g. NTP, sees the same windows as CoCoMix on them); free, or no targets: the official free shift."""
+    aligned = cfg.label_windows == "aligned" and inputs.targets is not None
     if not spec.columns:
         source = TokenSource(inputs.store, "train")
     else:
-        source = TargetSource(inputs.targets, "train", columns=spec.columns)
-    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum,
-                       world=plan.world, rank=rank, seed=cfg.seed)
+        source = TargetSource(inputs.targets, "train", columns=spec.columns, aligned=aligned)
+    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum, world=plan.world,
+                       rank=rank, seed=cfg.seed, offsets=inputs.targets.offsets if aligned else None)
 
 
 def run_record(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, model, inputs: TrainInputs,
@@ -208,6 +213,8 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     match = resolve_width(cfg, spec, inputs)  # before anything is written: a bad --insert-layer is refused here
     if spec.columns:
         spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
+    if spec.columns or (inputs.targets is not None and cfg.label_windows == "aligned"):
+        check_label_windows(inputs.targets, inputs.targets_path, plan.context, cfg.size, cfg.label_windows)
     if acc.is_main_process:
         rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
     acc.wait_for_everyone()

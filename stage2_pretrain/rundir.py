@@ -63,6 +63,9 @@ def check_resume_matches(out: Path, record: dict) -> None:
     if old_method is not None and old_method != new_method:
         raise ConfigError(f"--resume: the method flags were {old_method} in {out} but are {new_method} now; "
                           "pass the same flags (the checkpoint fixes the model) or start another --out")
+    old_lw, new_lw = before["config"].get("label_windows", "free"), record["config"].get("label_windows")
+    if old_lw != new_lw:  # runs from before --label-windows read labels as `free` does
+        raise ConfigError(f"--resume: --label-windows was {old_lw} in {out} but is {new_lw} now; pass --label-windows {old_lw} or start another --out")
     old_width, new_width = before["config"].get("width"), record["config"].get("width")
     if new_width is not None and new_width != old_width:
         raise ConfigError(f"--resume: --width was {old_width or 'the preset width'} in {out} but is {new_width} now; "

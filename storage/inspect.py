@@ -66,19 +66,27 @@ def inspect_targets(path: Path, samples: int = 8, tokens: str | None = None) -> 
     reader = TargetReader.open(path)
     m = reader.manifest
     disk = sum(e["bytes"] for e in m["shards"])
-    n_tokens = sum(m["splits"].values())
+    n_rows = sum(e["rows"] for e in m["shards"])  # N label sets hold N rows per token
     raw = _raw_bytes_per_token(m)
     splits = {s: {"tokens": n, "shards": sum(e["split"] == s for e in m["shards"])} for s, n in m["splits"].items()}
     info = {
         "kind": "targets", "path": str(path), "schema_version": m["schema_version"], "splits": splits,
-        "shards": len(m["shards"]), "bytes_on_disk": disk, "bytes_per_token": disk / max(n_tokens, 1),
+        "shards": len(m["shards"]), "bytes_on_disk": disk, "bytes_per_token": disk / max(n_rows, 1),
         "raw_bytes_per_token": raw, "k_attr": reader.k_attr, "n_latents": reader.n_latents,
-        "ignore_id": reader.ignore_id, "dtypes": m["dtypes"], "provenance": _target_provenance(reader.meta),
+        "ignore_id": reader.ignore_id, "dtypes": m["dtypes"], "window_offsets": _offsets(reader),
+        "provenance": _target_provenance(reader.meta),
         "extra_columns": {name: {k: v for k, v in col.items() if k != "rule"} for name, col in reader.extra_columns.items()},
         "labels": label_stats(reader),
     }
     info["samples"] = _samples(reader, samples, _decoder(reader, tokens))
     return info
+
+
+def _offsets(reader: TargetReader) -> dict:
+    """The label sets: one per window offset, with the rule that placed them."""
+    record = reader.meta.get("offsets") or {"rule": "single set"}
+    return {"values": ", ".join(map(str, reader.offsets)), "rule": record["rule"], "seed": record.get("seed"),
+            "window": reader.window_length}
 
 
 def _raw_bytes_per_token(manifest: dict) -> int:

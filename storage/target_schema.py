@@ -5,6 +5,7 @@
     <targets>/plan.json                  written first: meta + shard plan + dtypes (lets a re-run resume)
     <targets>/<split>/shard-NNNNN.arrow  Arrow IPC file, one row per token of [start, end)
     <targets>/<split>/shard-NNNNN.json   sidecar: range, rows, sha256 (written after the shard)
+    <targets>/offset-<r>/<split>/...     the label set of window offset r > 0 (``extract --offsets N``)
     <targets>/manifest.json              written last: everything a reader needs
 
 Columns: ``token`` (uint16|uint32), ``concept_ids`` (fixed_size_list<uint16|uint32>[k]),
@@ -26,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.storage.target_offsets import shard_relpath
 
 TARGETS_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,33 +57,41 @@ def ignore_id(dtype) -> int:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Tokens ``[start, end)`` of ``split``, stored as shard number ``index`` of that split."""
+    """Tokens ``[start, end)`` of ``split``, stored as shard number ``index`` of that split in
+    the label set whose windows start at ``offset`` (:mod:`.target_offsets`)."""
 
     split: str
     index: int
     start: int
     end: int
+    offset: int = 0
 
     @property
     def relpath(self) -> str:
-        return f"{self.split}/shard-{self.index:05d}.arrow"
+        return shard_relpath(self.split, self.index, self.offset)
 
     @property
     def rows(self) -> int:
         return self.end - self.start
 
     def to_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if not self.offset:
+            del record["offset"]  # the offset-0 set is recorded as before offsets existed
+        return record
 
 
-def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: int) -> list[ShardSpec]:
-    """Cut each split into shards of ``window * windows_per_shard`` tokens (the last one shorter)."""
+def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: int,
+                offsets: tuple[int, ...] | list[int] = (0,)) -> list[ShardSpec]:
+    """Per offset ``r``, cut tokens ``[r, n)`` of each split into shards of ``window * windows_per_shard``
+    tokens (the last one shorter), so every window of set ``r`` starts at ``r + i * window``."""
     if window <= 0 or windows_per_shard <= 0:
         raise CocomixError(f"window ({window}) and windows per shard ({windows_per_shard}) must be positive")
     size = window * windows_per_shard
     plan = []
-    for split, n in split_lengths.items():
-        plan += [ShardSpec(split, i, start, min(start + size, n)) for i, start in enumerate(range(0, n, size))]
+    for r in offsets:
+        for split, n in split_lengths.items():
+            plan += [ShardSpec(split, i, start, min(start + size, n), r) for i, start in enumerate(range(r, n, size))]
     return plan
 
 

@@ -105,7 +105,7 @@ class TargetWriter:
         return [s for i, s in enumerate(self.plan) if i % world == rank and not self.is_done(s)]
 
     def _lock_path(self, spec: ShardSpec, suffix: str) -> Path:
-        return lock_path(self.out, spec.split, spec.index, suffix)
+        return lock_path(self.out, spec.split, spec.index, suffix, spec.offset)
 
     def claim(self, spec: ShardSpec) -> bool:
         """Take ``spec`` with a non-blocking exclusive lock; False if another process holds it or it is done."""
@@ -241,16 +241,17 @@ class TargetWriter:
             **self._plan_record(), "format": FORMAT, "n_latents": (self.meta.get("sae") or {}).get("n_latents"),
             "splits": lengths, "shards": shards, "extra": _jsonable(extra or {}),
         }
-        for stale in self.out.glob("*/.*.tmp"):
+        for stale in [*self.out.glob("*/.*.tmp"), *self.out.glob("offset-*/*/.*.tmp")]:
             stale.unlink(missing_ok=True)  # left by killed writers; every shard is final by now
         atomic_write_json(self.out / MANIFEST, manifest)
         log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
         return self.out / MANIFEST
 
 
-def lock_path(out: Path, split: str, index: int, suffix: str) -> Path:
-    """``.locks/<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
-    return Path(out) / LOCKS / f"{split}-shard-{index:05d}{suffix}"
+def lock_path(out: Path, split: str, index: int, suffix: str, offset: int = 0) -> Path:
+    """``.locks/[offset-<r>-]<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
+    prefix = f"offset-{offset}-" if offset else ""
+    return Path(out) / LOCKS / f"{prefix}{split}-shard-{index:05d}{suffix}"
 
 
 def stamp_vouches(stamp: Path, shard: Path, sha256: str | None) -> bool:

@@ -17,10 +17,14 @@ def test_stdlib_corpus_is_deterministic(tmp_path):
 
 def test_quickstart_end_to_end(tmp_path):
     cfg = QuickstartConfig(workspace=str(tmp_path), corpus_mb=0.15, vocab_size=400, teacher_steps=4,
-                           student_steps=4, sae_latents=64, sae_k=8, sae_tokens=4096)
+                           student_steps=4, sae_latents=64, sae_k=8, sae_tokens=4096, offsets=2)
     result = run_quickstart(cfg)
     root = tmp_path / "quickstart"
     assert (root / "targets" / "manifest.json").exists()
+    from cocomix.storage.targets import TargetReader
+
+    assert len(TargetReader.open(root / "targets").offsets) == cfg.offsets == 2  # one label set per window offset
+    assert json.loads((result.paths["cocomix"] / "run.json").read_text())["config"]["label_windows"] == "aligned"
     assert (root / "sae" / "cfg.json").exists()
     assert (root / "teacher" / "final" / "config.json").exists()
     for method in ("cocomix", "ntp"):

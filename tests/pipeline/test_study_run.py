@@ -19,7 +19,7 @@ tokens = "TOKENS"
 
 [targets.main]
 path = "{study}/targets"
-extract = { teacher = "TEACHER", sae = "SAE", layer = 1, window = 64, batch_size = 4, device = "cpu" }
+extract = { teacher = "TEACHER", sae = "SAE", layer = 1, window = 128, batch_size = 4, device = "cpu" }
 
 [defaults]
 size = "tiny"
@@ -151,8 +151,7 @@ def test_study_builds_on_the_quickstart_chain(tmp_path):
     spec = tmp_path / "qs.toml"
     spec.write_text(SPEC.replace('tokens = "TOKENS"', 'tokens = "{quickstart}/tokens"')
                     .replace('[study]\nname = "e2e"\nseeds = [0, 1]', '[study]\nname = "e2e"\nseeds = [0]\nprepare = "quickstart"')
-                    .replace('"TEACHER"', '"{quickstart}/teacher/final"').replace('"SAE"', '"{quickstart}/sae"')
-                    .replace("window = 64", "window = 128"))
+                    .replace('"TEACHER"', '"{quickstart}/teacher/final"').replace('"SAE"', '"{quickstart}/sae"'))
     result = run_study(StudyConfig(spec=str(spec), workspace=str(ws)))
     teacher = json.loads((ws / "quickstart" / "teacher" / "final" / "config.json").read_text())
     assert teacher["n_embd"] == 32  # the recorded quickstart settings, not the defaults

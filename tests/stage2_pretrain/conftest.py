@@ -2,8 +2,8 @@
 
 Labels are random latent ids below ``N_LATENTS`` with about a fifth of the slots set to
 ``ignore_id``; the meta follows the contract stage 1 writes (teacher, tokenizer, SAE, ...).
-Extraction windows of 64 tokens and shards of 8 windows make 128-token training windows
-cross shard boundaries.
+Extraction windows of 128 tokens (the ``tiny`` preset's context) in shards of 2 windows make
+shifted training windows cross shard boundaries; ``offsets`` adds label sets of shifted windows.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ N_LATENTS = 96
 K_ATTR = 4
 
 
-def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_attr: int = K_ATTR, window: int = 64,
-                  windows_per_shard: int = 8, seed: int = 0, ignore_frac: float = 0.2, meta_update: dict | None = None,
-                  kd_samples: int = 0, hidden_dim: int = 0) -> Path:
+def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_attr: int = K_ATTR, window: int = 128,
+                  windows_per_shard: int = 2, offsets: list[int] | None = None, seed: int = 0, ignore_frac: float = 0.2,
+                  meta_update: dict | None = None, kd_samples: int = 0, hidden_dim: int = 0) -> Path:
     """Fill a target folder for every split of the store with seeded random labels (and, when asked,
     random ``kd_ids`` below the vocabulary and random float16 ``hidden`` states)."""
     from cocomix.storage.target_schema import extra_column
@@ -35,9 +35,10 @@ def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_
                 "location": "resid_post", "normalize": True},
         "selection": "attribution", "attribution_input": "latents", "k_attr": k_attr, "window": window,
         "tokens": store.provenance(),
+        **({"offsets": {"rule": "given", "seed": 0, "count": len(offsets), "values": offsets}} if offsets else {}),
         **(meta_update or {}),
     }
-    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window, windows_per_shard)
+    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window, windows_per_shard, offsets or [0])
     extra = {}
     if kd_samples:
         extra["kd_ids"] = extra_column(store.dtype, kd_samples, samples=kd_samples, rule="synthetic")
