@@ -160,7 +160,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def load_checkpoint_model(ckpt: Path):
-    """A CoCoMix checkpoint or a stock GPT-2 folder, by ``model_type`` in its config.json."""
+    """A CoCoMix, pause or stock GPT-2 (NTP, KD) folder, as the causal LM its config.json names."""
     checkpoint_kind(ckpt)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

@@ -90,6 +90,20 @@ def cocomix_ckpt(tmp_path, tokenizer_dir):
     return tmp_path / "cocomix"
 
 
+@pytest.fixture
+def pause_ckpt(tmp_path, tokenizer_dir):
+    """A pause student (one learned vector interleaved at insert_layer) saved as its own model type."""
+    from transformers import AutoTokenizer
+
+    from cocomix.stage2_pretrain.model_pause import PauseConfig, PauseForCausalLM
+
+    torch.manual_seed(3)
+    PauseForCausalLM(PauseConfig(vocab_size=384, n_positions=128, n_embd=32, n_layer=3, n_head=2, insert_layer=1)
+                     ).save_pretrained(tmp_path / "pause")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "pause")
+    return tmp_path / "pause"
+
+
 def tokenizer_of(ckpt):
     from transformers import AutoTokenizer
 
@@ -117,7 +131,7 @@ def own_forward_loglik(model, tok, context: str, continuation: str) -> float:
     return -float(loss) * int((labels[0, 1:] != -100).sum())
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "cocomix"])
+@pytest.mark.parametrize("kind", ["gpt2", "cocomix", "pause"])
 def test_harness_loglikelihood_equals_the_models_own(kind, request):
     """HFLM.loglikelihood on a batch of requests of different lengths (right padding) = a hand
     computation from the logits = the model's own loss over the continuation."""
