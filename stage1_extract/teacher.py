@@ -70,12 +70,17 @@ def _offline_error(spec: str, err: Exception) -> CocomixError:
 
 
 def _from_pretrained(spec: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model and tokenizer, no remote code, weights exactly covering the config (see :mod:`~cocomix.storage.safe_load`)."""
+    from transformers import AutoModelForCausalLM
+
+    from cocomix.storage.safe_load import load_model, load_tokenizer
 
     try:
         # fp32 weights whatever the checkpoint stores: --dtype bfloat16 is autocast, never cast weights
-        model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = load_model(AutoModelForCausalLM, spec, "--teacher", attn_implementation="sdpa", dtype=torch.float32)
+        tokenizer = load_tokenizer(spec, "--teacher")
+    except CocomixError:
+        raise
     except (OSError, ValueError, KeyError) as err:
         if _is_local(spec):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -8,7 +8,6 @@ forward passes (FSDP needs that); a rank short of windows repeats one with weigh
 """
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -93,24 +92,18 @@ class EvalResult:
 
 def load_checkpoint_model(ckpt: Path):
     """A CoCoMix checkpoint or a stock GPT-2 folder, by ``model_type`` in its config.json."""
-    config_file = Path(ckpt) / "config.json"
-    if not config_file.exists():
+    from cocomix.storage.safe_load import load_model, read_config
+
+    if not (Path(ckpt) / "config.json").exists():
         raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load clutters the run's log
+    model_type = read_config(ckpt, "checkpoint").get("model_type")
     if model_type == "cocomix":
-        from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
-
-        return CoCoMixForCausalLM.from_pretrained(ckpt)
-    if model_type == "gpt2":
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel.from_pretrained(ckpt)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(ckpt)
+        from cocomix.stage2_pretrain.model import CoCoMixForCausalLM as cls
+    elif model_type == "gpt2":
+        from transformers import GPT2LMHeadModel as cls
+    else:
+        from transformers import AutoModelForCausalLM as cls
+    return load_model(cls, ckpt, "checkpoint")
 
 
 def check_tokenizer(ckpt: Path, store, tokens: str, config=None) -> None:
@@ -118,11 +111,10 @@ def check_tokenizer(ckpt: Path, store, tokens: str, config=None) -> None:
     model's (spares AutoTokenizer re-reading config.json as a generic, unregistered config)."""
     if not (Path(ckpt) / "tokenizer.json").exists():
         return
-    from transformers import AutoTokenizer
-
+    from cocomix.storage.safe_load import load_tokenizer
     from cocomix.storage.token_store import tokenizer_fingerprint
 
-    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt, config=config)) != store.tokenizer_sha256:
+    if tokenizer_fingerprint(load_tokenizer(ckpt, "checkpoint", config=config)) != store.tokenizer_sha256:
         raise MismatchError(f"--tokens {tokens} was made with another tokenizer than checkpoint {ckpt}; pass the token store it was trained on")
 
 

@@ -178,9 +178,9 @@ class TokenStore:
 
     def load_tokenizer(self) -> Any:
         """The fast HF tokenizer saved inside the store."""
-        from transformers import AutoTokenizer
+        from cocomix.storage.safe_load import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR))
+        return load_tokenizer(self.path / TOKENIZER_DIR, "tokenizer of token store")
 
     def provenance(self) -> dict:
         """JSON-able identity of these tokens (stage 1 copies it into the target manifest).
