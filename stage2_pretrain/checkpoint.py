@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,17 +129,32 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, *, out: Path, stat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_model(accelerator, model, tmp, tokenizer)
-    _save_optimizer(accelerator, model, optimizer, tmp)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+    with _write_errors(tmp, state.step, out):
+        _save_model(accelerator, model, tmp, tokenizer)
+        _save_optimizer(accelerator, model, optimizer, tmp)
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        atomic_write_json(tmp / STATE_FILE, {"step": state.step, "data": state.data.to_dict(), "world_size": accelerator.num_processes})
-        publish_step_dir(tmp, final)
+        with _write_errors(tmp, state.step, out):
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / STATE_FILE, {"step": state.step, "data": state.data.to_dict(), "world_size": accelerator.num_processes})
+            publish_step_dir(tmp, final)
         prune(out, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _write_errors(tmp: Path, step: int, out: Path):
+    """A failed write (disk full: torch.save raises RuntimeError, safetensors its own error, the rest
+    OSError) is one line; the half-written folder is removed, the last complete checkpoint kept."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as err:  # noqa: BLE001 - any write failure of the step folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CocomixError(f"could not write checkpoint step {step} in {Path(out) / CKPT_DIR} (disk full? {type(err).__name__}: "
+                           f"{text}); the last complete checkpoint is kept: free space and re-run with --resume") from None
 
 
 def prune(out: Path, keep_last: int) -> None:

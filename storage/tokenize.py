@@ -246,6 +246,11 @@ def _finish(writer: StoreWriter, corpus: Corpus, cfg: TokenizeConfig) -> dict:
     if writer.docs_done == 0:
         clear_folder(writer.path)
         raise CocomixError(f"corpus {cfg.corpus} holds no documents; pass a non-empty corpus")
+    tokens = sum(b.n_tokens + b.n_buffered for b in writer.buffers.values())
+    if tokens <= writer.docs_done:  # every document is its EOS alone: nothing to learn from
+        clear_folder(writer.path)
+        raise CocomixError(f"all {writer.docs_done} documents of corpus {cfg.corpus} are empty (no text to tokenize; "
+                           f"wrong --text-field?); nothing was written")
     if corpus.stats.replaced_bytes:
         log.warning("%d bytes that are not UTF-8 were replaced by U+FFFD in %d documents of %s",
                     corpus.stats.replaced_bytes, corpus.stats.bad_docs, cfg.corpus)
