@@ -29,7 +29,8 @@ from cocomix.stage1_extract.dist import Dist, init_dist
 from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
-from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
+from cocomix.stage1_extract.teacher import (check_layer, check_tokenizer, check_vocab, check_window, load_teacher,
+                                            resolve_device)
 from cocomix.storage.target_reader import load_manifest
 from cocomix.storage.target_writer import folder_identity, sidecar_path
 from cocomix.storage.targets import MANIFEST, PLAN, TargetWriter, id_dtype, ignore_id, plan_shards
@@ -212,6 +213,7 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
         ensure_tokenized(cfg, tokens_path, dist)
     store = TokenStore.open(tokens_path)
     check_tokenizer(teacher, store)
+    check_vocab(teacher, store)
     sae, info = load_sae(cfg.sae, cache_dir=cache_dir(ws))
     check_sae_matches_teacher(info, teacher.d_model)
     check_sae_hook(info, cfg.layer)
@@ -244,6 +246,9 @@ def check_k_attr(cfg: ExtractConfig, info) -> None:
     if cfg.attribution_input == "post" and cfg.k_attr > info.k:
         raise ConfigError(f"--k-attr {cfg.k_attr} exceeds the {info.k} latents SAE {info.source} activates per token; "
                           f"pass --k-attr {info.k} or less")
+    if cfg.k_attr > info.n_latents:
+        raise ConfigError(f"--k-attr {cfg.k_attr} exceeds the {info.n_latents} latents of SAE {info.source}; "
+                          f"pass --k-attr {info.n_latents} or less")
 
 
 def check_sae_hook(info, layer: int) -> None:

@@ -146,6 +146,14 @@ def check_tokenizer(teacher: Teacher, store: Any) -> None:
         )
 
 
+def check_vocab(teacher: Teacher, store: Any) -> None:
+    """Every token id of the store must have a row in the teacher's embedding."""
+    rows = teacher.model.transformer.wte.num_embeddings
+    if rows < store.vocab_size:
+        raise MismatchError(f"teacher {teacher.info.get('id')} embeds {rows} token ids, but token store {store.path} "
+                            f"has a vocabulary of {store.vocab_size}; pass the teacher the store was tokenized for")
+
+
 def embed(teacher: Teacher, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """Token + position embeddings and the causal mask, exactly as ``GPT2Model.forward`` builds them."""
     from transformers.masking_utils import create_causal_mask

@@ -165,6 +165,12 @@ class TokenStore:
         check_store_attrs(path, attrs)
         import zarr
 
+        for split in attrs.get("counts") or ():
+            for array in ("tokens", "doc_offsets"):
+                meta = path / split / array / "zarr.json"
+                if not meta.is_file():
+                    raise IntegrityError(f"token store {path} is damaged: {meta.relative_to(path)} is missing; "
+                                         "restore it from a copy or re-run `cocomix tokenize --overwrite`")
         return cls(path, zarr.open_group(str(path), mode="r"))
 
     def split(self, name: str) -> TokenSplit:
