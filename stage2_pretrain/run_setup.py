@@ -220,7 +220,6 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     model = model or new_model(cfg, plan, inputs)
     prepare_for_accelerate(model)
     record = run_record(cfg, plan, model, inputs)
-    announce(acc, out, record, ckpt)
     optimizer = make_optimizer(model, plan.lr, on_cuda=acc.device.type == "cuda")
     scheduler = make_scheduler(optimizer, plan.schedule)
     model, optimizer = acc.prepare(model, optimizer)
@@ -229,6 +228,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
         state = load_state_or_explain(acc, model, optimizer, scheduler, ckpt, out)
         if cfg.override_lr:
             override_peak_lr(optimizer, scheduler, plan.lr)
+    announce(acc, out, record, ckpt)  # run.json only once everything the run continues from has loaded
     if acc.is_main_process:
         truncate_metrics(out, state.step)
     start_trackers(acc, cfg.tracker, plan)

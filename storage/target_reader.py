@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage import block_check
 from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
@@ -39,6 +40,7 @@ class _Shard(NamedTuple):
     tokens: np.ndarray
     ids_NK: np.ndarray
     scores_NK: np.ndarray
+    blocks: block_check.BlockChecker  #: CRC32C (and label range) of each block, checked on first use
 
 
 def load_manifest(path: Path) -> dict:
@@ -157,7 +159,12 @@ class TargetReader:
             raise IntegrityError(f"shard {entry['path']} does not have the schema of its manifest; delete it and run the extract again")
         if batch.num_rows != entry["rows"]:
             raise IntegrityError(f"shard {entry['path']} has {batch.num_rows} rows, its manifest says {entry['rows']}")
-        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr))
+        where = f"shard {entry['path']} of {self.path}"
+        if entry.get(block_check.KEY) is None:
+            block_check.notice_missing(str(self.path))
+        blocks = block_check.BlockChecker(where, block_check.column_rows(batch), entry.get(block_check.KEY),
+                                          block_check.label_range_check(where, self.n_latents, self.ignore_id))
+        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr), blocks)
 
     def window(self, split: str, start: int, stop: int) -> TargetWindow:
         """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard."""
@@ -171,6 +178,7 @@ class TargetReader:
         while start < stop or not pieces:
             shard = self.shard_views(entries[i])
             lo, hi = start - shard.start, min(stop, shard.end) - shard.start
+            shard.blocks.check(lo, hi)
             pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi]))
             start, i = shard.start + hi, i + 1
             if start >= stop:

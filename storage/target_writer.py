@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage import block_check
 from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, PLAN, TARGETS_SCHEMA_VERSION, ShardSpec, arrow_schema, ignore_id,
@@ -207,7 +208,8 @@ class TargetWriter:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
             writer.write_batch(batch)
         info = {**spec.to_json(), "path": spec.relpath, "rows": spec.rows, "sha256": sha256_file(tmp),
-                "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION}
+                "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION,
+                block_check.KEY: block_check.block_crcs(block_check.column_rows(batch))}
         atomic_replace(tmp, final)
         atomic_write_json(sidecar_path(final), info)
         self._write_stamp(spec, final, info["sha256"])
