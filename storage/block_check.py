@@ -53,8 +53,9 @@ def column_rows(batch) -> dict[str, np.ndarray]:
     return out
 
 
-def block_crcs(columns: dict[str, np.ndarray], block_rows: int = BLOCK_ROWS) -> dict:
-    """The sidecar record: CRC32C per block of ``block_rows`` rows of every column."""
+def block_crcs(columns: dict[str, np.ndarray], block_rows: int | None = None) -> dict:
+    """The sidecar record: CRC32C per block of ``block_rows`` (default :data:`BLOCK_ROWS`) rows of every column."""
+    block_rows = block_rows or BLOCK_ROWS
     n = len(next(iter(columns.values()))) if columns else 0
     return {"rows_per_block": block_rows,
             "columns": {name: [crc32c(arr[a:a + block_rows]) for a in range(0, n, block_rows)] for name, arr in columns.items()}}
