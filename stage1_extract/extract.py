@@ -86,8 +86,8 @@ def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.devic
     with writer:
         pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
         verified = [s for i, s in enumerate(plan) if i % dist.world == dist.rank and s not in pending]
-        log.info("%s: %d shards to compute, %d finished and verified (rank %d of %d)",
-                 inputs.out, len(pending), len(verified), dist.rank, dist.world)
+        log.info("%s: %d shards to compute, %d finished (rank %d of %d)%s",
+                 inputs.out, len(pending), len(verified), dist.rank, dist.world, how_checked(writer.checks))
         labeller = ShardLabeller(cfg, inputs, spec, ids_dt, score_dt, writer)
         with ExtractProgress(sum(s.end - s.start for s in pending), len(pending), dist.is_main) as bar:
             for shard in pending:
@@ -164,12 +164,20 @@ def finalize(writer, out: Path, stats: dict) -> None:
     that readers accept and that describes this folder's plan and verified shards."""
     problem = manifest_problem(writer, out) if stats["shards_computed"] == 0 else "shards were computed"
     if problem is None:
-        log.info("%s was already complete (every shard verified); manifest kept", out)
+        log.info("%s was already complete; manifest kept%s", out, how_checked(writer.checks))
     else:
         if stats["shards_computed"] == 0:
             log.warning("every shard of %s is verified, but its %s cannot be kept (%s); rewriting it", out, MANIFEST, problem)
         writer.finalize(extra=stats)
     print_summary(stats, out)
+
+
+def how_checked(checks: dict) -> str:
+    """How finished shards were checked: by sha256, or only found unchanged (size, mtime) since their last hash."""
+    if not checks["unchanged"]:
+        return f": {checks['hashed']} verified by sha256" if checks["hashed"] else ""
+    return (f": {checks['hashed']} verified by sha256, {checks['unchanged']} not re-hashed (same size and mtime as when "
+            "last hashed; readers check each block's CRC32C, `cocomix verify` re-hashes all)")
 
 
 def manifest_problem(writer, out: Path) -> str | None:

@@ -116,6 +116,9 @@ class TokenSource:
         return self.split.read(start, stop), None
 
 
+TRAINING_COLUMNS = ("token", "concept_ids")  #: what training reads of the shards (block-checked before use)
+
+
 class TargetSource:
     """Windows of tokens and concept labels from the target shards (tokens from the ``token`` column)."""
 
@@ -125,7 +128,7 @@ class TargetSource:
         self.store_split = store_split  # read tokens from the store instead (see bench/pretrain.py)
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        w = self.reader.window(self.split_name, start, stop)
+        w = self.reader.window(self.split_name, start, stop, check=TRAINING_COLUMNS)
         tokens = self.store_split.read(start, stop) if self.store_split is not None else w.tokens
         return tokens, w.concept_ids
 

@@ -166,8 +166,10 @@ class TargetReader:
                                           block_check.label_range_check(where, self.n_latents, self.ignore_id))
         return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr), blocks)
 
-    def window(self, split: str, start: int, stop: int) -> TargetWindow:
-        """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard."""
+    def window(self, split: str, start: int, stop: int, check: tuple[str, ...] | None = None) -> TargetWindow:
+        """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard. The blocks
+        they touch of the columns in ``check`` (default: all; a caller passes the columns it uses) are
+        CRC32C-checked first, once per process."""
         length = self.split_length(split)
         stop = min(stop, length)
         if not 0 <= start <= stop:
@@ -178,7 +180,7 @@ class TargetReader:
         while start < stop or not pieces:
             shard = self.shard_views(entries[i])
             lo, hi = start - shard.start, min(stop, shard.end) - shard.start
-            shard.blocks.check(lo, hi)
+            shard.blocks.check(lo, hi, check)
             pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi]))
             start, i = shard.start + hi, i + 1
             if start >= stop:
