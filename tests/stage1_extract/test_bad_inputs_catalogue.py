@@ -129,3 +129,46 @@ def test_planted_pickle_in_a_sae_train_resume_state_never_runs(tmp_path, token_s
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     assert_one_line_error(run_cli("sae", "train", *args), STATE_FILE)
     assert not marker.exists() and not (out / "sae.safetensors").exists()
+
+
+def test_overwrite_refuses_while_another_extract_writes_the_folder(tmp_path, token_store, teacher_dir, openai_sae_file):
+    """Two processes: while another one holds the folder as a running extract does (``join_writers``, the
+    writer's own code), `--overwrite` with other flags refuses and clears nothing; once it is gone, it works."""
+    from cocomix.storage.targets import TargetReader
+
+    out = tmp_path / "out"
+    assert extract(token_store, teacher_dir, openai_sae_file, out).exit_code == 0
+    before = sorted(p.name for p in (out / "val").iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time; from cocomix.storage.target_writer import join_writers; "
+        f"fd, _ = join_writers({str(out)!r}); fcntl.flock(fd, fcntl.LOCK_SH); print('holding', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = extract(token_store, teacher_dir, openai_sae_file, out, "--overwrite", "--k-attr", "2")
+        assert_one_line_error(result, "another extract is writing", str(out))
+        assert sorted(p.name for p in (out / "val").iterdir()) == before
+        assert TargetReader.open(out, verify=True).k_attr == 4
+    finally:
+        holder.kill()
+        holder.wait()
+    result = extract(token_store, teacher_dir, openai_sae_file, out, "--overwrite", "--k-attr", "2")
+    assert result.exit_code == 0, result.output
+    assert TargetReader.open(out, verify=True).k_attr == 2
+
+
+def test_a_failed_start_with_other_flags_does_not_block_a_corrected_retry(tmp_path, token_store, teacher_dir, openai_sae_file, monkeypatch):
+    """plan.json of a run that finished no shard is replaced by a retry with corrected flags (no --overwrite)."""
+    from cocomix.stage1_extract import extract as extract_mod
+
+    def crash(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(extract_mod, "label_shard", crash)
+        assert_one_line_error(extract(token_store, teacher_dir, openai_sae_file, out, "--k-attr", "8"), "No space left")
+    assert (out / "plan.json").exists() and not list(out.glob("*/shard-*.json"))
+    result = extract(token_store, teacher_dir, openai_sae_file, out, "--k-attr", "4")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["k_attr"] == 4
