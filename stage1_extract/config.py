@@ -34,8 +34,11 @@ class ExtractConfig:
     splits: str = flag("train,val", help="Comma-separated splits to label.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")
+    threads: int | None = flag(None, help="CPU threads for the teacher (on CPU). Default: the count recorded in the output folder's plan.json by the run that started it, else torch's default. On CPU, shard bytes are reproducible at the same thread count (so a resumed run adopts it).")
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.selection not in ("attribution", "activation"):
             raise ConfigError(f"--selection must be `attribution` or `activation`, got {self.selection!r}")
         if self.attribution_input not in ("post", "pre"):

@@ -72,10 +72,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     use_tf32(device)
     dist = init_dist(device)
+    threads = torch.get_num_threads()
     try:
         inputs = load_inputs(cfg, device, dist)
         return _extract(cfg, inputs, dist, device, t0)
     finally:
+        torch.set_num_threads(threads)  # a caller's own setting (tests, quickstart) comes back
         dist.close()
 
 
@@ -83,6 +85,7 @@ def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.devic
     spec, ids_dt, score_dt = attribution_spec(cfg, inputs, device)
     plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard)
     writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
+    use_recorded_threads(cfg, writer.compute, device)
     with writer:
         pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
         verified = [s for i, s in enumerate(plan) if i % dist.world == dist.rank and s not in pending]
@@ -320,12 +323,35 @@ def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist
     """Rank 0 creates (or checks, or with --overwrite clears) the folder first; the others then join it."""
     spec, _, _ = attribution_spec(cfg, inputs, inputs.teacher.device)
     kwargs = dict(meta=target_meta(cfg, inputs, spec), plan=plan, k_attr=cfg.k_attr, id_dtype=ids_dt,
-                  score_dtype=score_dt, token_dtype=inputs.store.dtype)
+                  score_dtype=score_dt, token_dtype=inputs.store.dtype, compute=compute_record(cfg, inputs.teacher.device))
     writer = None
     if dist.is_main:
         writer = _open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)
     dist.barrier()
     return writer or _open_retrying(inputs.out, overwrite=False, **kwargs)
+
+
+def compute_record(cfg: ExtractConfig, device: torch.device) -> dict:
+    """What plan.json records about how shards are computed: on CPU the thread count (BLAS results,
+    hence scores and near-tie labels, depend on it); nothing on GPUs."""
+    return {"cpu_threads": cfg.threads or torch.get_num_threads()} if device.type == "cpu" else {}
+
+
+def use_recorded_threads(cfg: ExtractConfig, compute: dict, device: torch.device) -> None:
+    """Compute with the thread count the folder was started with, pinned: ``torch.set_num_threads``
+    also turns MKL's dynamic thread choice off (with it on, MKL may use fewer threads when the
+    machine is busy, and a shard computed then differs in the last bits)."""
+    if device.type != "cpu":
+        return
+    recorded = int(compute.get("cpu_threads") or cfg.threads or torch.get_num_threads())
+    if cfg.threads is not None and cfg.threads != recorded:
+        log.warning("--threads %d differs from the %d CPU threads %s was started with: shards computed now may differ "
+                    "from an uninterrupted run in the last bits of their scores (and labels at near ties)",
+                    cfg.threads, recorded, PLAN)
+        recorded = cfg.threads
+    elif recorded != torch.get_num_threads():
+        log.info("computing with the %d CPU threads the folder was started with (shard bytes depend on it)", recorded)
+    torch.set_num_threads(recorded)
 
 
 def _open_retrying(out: Path, attempts: int = 5, **kwargs) -> TargetWriter:
@@ -366,4 +392,5 @@ def run_stats(cfg, labeller: ShardLabeller, dist: Dist, device: torch.device, se
         "coverage": coverage.as_stats(),
         "k_attr": cfg.k_attr,
         "batch_size": cfg.batch_size,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }

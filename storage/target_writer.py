@@ -50,8 +50,11 @@ class TargetWriter:
     """Context manager writing the shards of ``plan`` into ``out_dir`` (see the module docstring)."""
 
     def __init__(self, out_dir, *, meta: dict, plan: list[ShardSpec], k_attr: int, id_dtype, score_dtype,
-                 token_dtype, overwrite: bool = False) -> None:
+                 token_dtype, overwrite: bool = False, compute: dict | None = None) -> None:
         self.out = Path(out_dir)
+        #: how the shards are computed where it changes their bytes (e.g. CPU threads); recorded in
+        #: plan.json by the run that starts the folder, adopted from it by every later run
+        self.compute = _jsonable(compute or {})
         self.meta = _jsonable(meta)
         self.plan = list(plan)
         self.k_attr = int(k_attr)
@@ -74,7 +77,7 @@ class TargetWriter:
             "format": FORMAT + "-plan", "schema_version": TARGETS_SCHEMA_VERSION, "meta": self.meta,
             "k_attr": self.k_attr, "ignore_id": self.ignore_id,
             "dtypes": {"token": self.token_dtype.name, "id": self.id_dtype.name, "score": self.score_dtype.name},
-            "shards": [s.to_json() for s in self.plan],
+            "shards": [s.to_json() for s in self.plan], **({"compute": self.compute} if self.compute else {}),
         }
 
     def _open_folder(self, overwrite: bool, alone: bool) -> None:
@@ -86,6 +89,8 @@ class TargetWriter:
             except ValueError:
                 old = {}
             if folder_identity(old) == folder_identity(record):
+                self.compute = old.get("compute", {})  # the first run's: later ones compute the same bytes
+                record = _jsonable(self._plan_record())
                 if old != record:
                     log.info("%s: inputs found at other paths, same content (sha256 / fingerprint); resuming", self.out)
                 return
@@ -333,6 +338,7 @@ def folder_identity(record: dict) -> dict:
     tokenizer ``name`` are spellings). A hub teacher has no sha256: its id and revision count.
     The paths stay in the record for provenance.
     """
+    record = {k: v for k, v in record.items() if k != "compute"}  # how, not what: adopted, never compared
     meta = dict(record.get("meta") or {})
     meta = without_when_hashed(meta, "teacher", "id", hashed_by="sha256")
     meta = without_when_hashed(meta, "sae", "source", hashed_by="sha256")
