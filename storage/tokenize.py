@@ -83,12 +83,18 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
         _refuse_or_clear(out, attrs, identity, cfg.overwrite)
         attrs = None
     writer, tok = _resume(out) if attrs is not None else (None, None)
-    if writer is None:
+    created = writer is None
+    if created:
         writer, tok = _create(cfg, corpus, out, identity)
     resumed = writer.docs_done
     corpus.stats.replaced_bytes = int(writer.notes.get("replaced_bytes", 0))
     corpus.stats.bad_docs = int(writer.notes.get("bad_utf8_docs", 0))
-    _tokenize_all(cfg, corpus, writer, tok)
+    try:
+        _tokenize_all(cfg, corpus, writer, tok)
+    except CocomixError:
+        if created:  # a record the corpus must fix: the store this run started is removed, the retry starts clean
+            clear_folder(writer.path)
+        raise
     counts = _finish(writer, corpus, cfg)
     result = TokenizeResult(out, counts, len(tok), resumed_after_docs=resumed,
                             replaced_bytes=corpus.stats.replaced_bytes, seconds=time.monotonic() - t0)
