@@ -86,6 +86,7 @@ class BlockChecker:
         n = len(next(iter(columns.values()))) if columns else 0
         self.n_blocks = max(1, -(-n // self.block_rows))
         self.verified = {name: bytearray(self.n_blocks) for name in columns}  #: per column, blocks checked by this process
+        self._done_for: dict[tuple[str, ...] | None, bytearray] = {}
         if expected is not None:
             self._check_record(n)
 
@@ -100,13 +101,17 @@ class BlockChecker:
         """Verify the not-yet-verified blocks that rows ``[lo, hi)`` touch, of ``columns`` (default: all)."""
         if hi <= lo:
             return
-        first, last = lo // self.block_rows, (hi - 1) // self.block_rows
-        for name in self.columns if columns is None else columns:
-            done = self.verified[name]
-            for b in range(first, last + 1):
-                if not done[b]:
+        done = self._done_for.get(columns)  # per column selection: the hot path is one lookup and one index
+        if done is None:
+            done = self._done_for[columns] = bytearray(self.n_blocks)
+        for b in range(lo // self.block_rows, (hi - 1) // self.block_rows + 1):
+            if done[b]:
+                continue
+            for name in self.columns if columns is None else columns:
+                if not self.verified[name][b]:
                     self._check_block(name, b)
-                    done[b] = 1
+                    self.verified[name][b] = 1
+            done[b] = 1
 
     def check_all(self) -> None:
         n = len(next(iter(self.columns.values()))) if self.columns else 0
@@ -127,8 +132,11 @@ def label_range_check(where: str, n_latents: int, ignore: int, column: str = "co
     def validate(name: str, rows: np.ndarray) -> None:
         if name != column or not n_latents:
             return
-        if ignore == np.iinfo(rows.dtype).max and int((rows + rows.dtype.type(1)).max(initial=0)) <= n_latents:
-            return  # one cheap pass: ignore (the dtype's maximum) wraps to 0, every latent id to <= n_latents
+        signed = np.dtype(f"i{rows.dtype.itemsize}")
+        if rows.size and ignore == np.iinfo(rows.dtype).max and n_latents <= np.iinfo(signed).max + 1:
+            as_signed = rows.view(signed)  # ignore (all ones) reads -1, an id past the signed range reads < -1
+            if int(as_signed.min()) >= -1 and int(as_signed.max()) < n_latents:
+                return  # two vectorised reductions, no temporary
         bad = (rows >= n_latents) & (rows != ignore)
         if bad.any():
             raise IntegrityError(f"{where} holds label id {int(rows[bad][0])}, but the SAE has {n_latents} latents "
