@@ -148,9 +148,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, *, out: Path, stat
 def _write_errors(tmp: Path, step: int, out: Path):
     """A failed write (disk full: torch.save raises RuntimeError, safetensors its own error, the rest
     OSError) is one line; the half-written folder is removed, the last complete checkpoint kept."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, RuntimeError, ValueError) as err:  # noqa: BLE001 - any write failure of the step folder
+    except (OSError, RuntimeError, SafetensorError) as err:  # what a full disk raises in torch.save / save_pretrained
         shutil.rmtree(tmp, ignore_errors=True)
         text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CocomixError(f"could not write checkpoint step {step} in {Path(out) / CKPT_DIR} (disk full? {type(err).__name__}: "

@@ -124,6 +124,9 @@ class TargetWriter:
             else:
                 child.unlink()
 
+    def __del__(self) -> None:  # a writer dropped without ``with`` must not keep the folder held
+        self._leave()
+
     def _leave(self) -> None:
         fd, self._writers_fd = getattr(self, "_writers_fd", None), None
         if fd is not None:
