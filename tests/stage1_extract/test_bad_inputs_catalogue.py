@@ -3,6 +3,7 @@ and no code from any file ever runs (planted pickles, custom-code teachers)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_teacher_naming_custom_code_is_refused_even_with_yes_piped(tmp_path, tok
     args = ["extract", "--tokens", token_store, "--teacher", teacher, "--sae", openai_sae_file, "--out", out,
             "--layer", "1", "--device", "cpu"]
     proc = subprocess.run([sys.executable, "-m", "cocomix.pipeline.cli", *map(str, args)], input="y\ny\n",
-                          capture_output=True, text=True, timeout=300, env={"COLUMNS": "400", **__import__("os").environ})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "auto_map" in proc.stderr and "Traceback" not in proc.stderr and "[y/N]" not in proc.stdout + proc.stderr
     assert not marker.exists() and not out.exists()
