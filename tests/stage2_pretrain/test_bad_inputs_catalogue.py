@@ -63,6 +63,25 @@ def damage_model(ckpt: Path, damage: str) -> None:
         (ckpt / "config.json").write_text("{\"model_type\": ")
 
 
+def test_checkpoint_naming_custom_code_is_refused_with_stdin_closed_or_yes_piped(tmp_path, ntp_run, token_store):
+    """eval of a checkpoint whose config asks for custom code: refused before transformers could ask or import."""
+    import os
+    import subprocess
+    import sys
+
+    run, marker = copy_run(ntp_run, tmp_path), tmp_path / "imported"
+    ckpt = run / "checkpoints" / "step-0000002"
+    (ckpt / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "custom.Model"}}))
+    cmd = [sys.executable, "-m", "cocomix.pipeline.cli", "eval", str(ckpt), "--tokens", str(token_store), "--max-windows", "2"]
+    for stdin in (subprocess.DEVNULL, None):
+        proc = subprocess.run(cmd, stdin=stdin, input=None if stdin is not None else "y\n", capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+        assert proc.returncode == 2 and "auto_map" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists() and not (ckpt / "eval.json").exists()
+
+
 def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, ntp_run, token_store):
     run = copy_run(ntp_run, tmp_path)
     damage_model(run / "checkpoints" / "step-0000002", "truncated weights")
