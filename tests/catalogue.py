@@ -1,4 +1,4 @@
-"""Helpers of the bad-input catalogues (``tests/*/test_bad_inputs_catalogue.py``).
+"""Helpers of the bad-input catalogues (``tests/*/test_*_bad_inputs_catalogue.py``).
 
 Each catalogue runs one bad input through the real CLI and asserts what the user sees: exit
 status 2, exactly one ``error:`` line naming the culprit, no traceback, and nothing written
