@@ -7,7 +7,7 @@ the official dense compress for comparison, and the data loader's rate vs what a
 
 A step = forward + backward + AdamW step (+ zero_grad). The variants are timed round-robin (a
 round of each, repeated) so that load drift on a shared machine hits them alike; medians are
-reported. Goals (DESIGN.md §7, issue 4): CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x
+reported. Goals (cost model in docs/ARCHITECTURE.md): CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x
 the step's token consumption.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
+from cocomix.stage2_pretrain.concepts_config import DescribeConfig, ShowConfig, WeightsConfig
 from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
 
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 sae_app = typer.Typer(help="Sparse autoencoders for teachers without a published one.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
+concepts_app = typer.Typer(help="Read the concepts of a CoCoMix student: a concept dictionary, per-token predictions, W_comp norms.", no_args_is_help=True)
+app.add_typer(concepts_app, name="concepts")
 
 
 def _version(value: bool) -> None:
@@ -49,6 +52,9 @@ COMMANDS = {
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
+    "concepts describe": (concepts_app, DescribeConfig, "cocomix.stage2_pretrain.concepts_describe:run_describe"),
+    "concepts show": (concepts_app, ShowConfig, "cocomix.stage2_pretrain.concepts_show:run_show"),
+    "concepts weights": (concepts_app, WeightsConfig, "cocomix.stage2_pretrain.concepts_weights:run_weights"),
 }
 
 for _name, (_app, _cfg, _run) in COMMANDS.items():

@@ -1,7 +1,7 @@
 """``cocomix quickstart``: the whole chain offline, on a corpus every Python install carries.
 
 No model or data set can be downloaded on a fresh offline machine, so the quickstart builds its
-own chain (DESIGN.md §8)::
+own chain (docs/ARCHITECTURE.md, quickstart)::
 
     stdlib sources ─▶ tokenize (+ train BPE) ─▶ NTP teacher (pretrain --method ntp)
                    ─▶ sae train ─▶ extract ─▶ CoCoMix + NTP students ─▶ eval ─▶ results table

@@ -1,4 +1,4 @@
-"""Concept labels of a batch of windows: teacher + SAE + attribution (DESIGN.md §4).
+"""Concept labels of a batch of windows: teacher + SAE + attribution (docs/ARCHITECTURE.md, stage 1).
 
 The official extractor (RAM ``projects/cocomix/models/concept_extractor.py``) runs the
 whole teacher forward, ``loss.backward()`` with gradients for every parameter, the
@@ -15,7 +15,7 @@ labels come out of much less work here:
    products by gather instead of a ``[D, L]`` matmul.
 
 Labels are the ``k_attr`` best strictly positive scores, best first; other slots hold
-``ignore_id`` (the fix of DESIGN.md §4.6). The loss is the mean CE *per window*
+``ignore_id`` (the one deliberate difference from the official code, docs/ARCHITECTURE.md). The loss is the mean CE *per window*
 (§4.2: the teacher sees each window alone), so a window's labels and scores do not
 depend on what else shares its batch; the official mean over the whole batch only
 rescales every score of a batch of B windows by 1/B, which leaves the labels unchanged.

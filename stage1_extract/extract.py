@@ -1,6 +1,6 @@
 """``cocomix extract``: teacher + TopK SAE + attribution over a token store, into target shards.
 
-The run reads like its table of contents (DESIGN.md §4):
+The run reads like its table of contents (docs/ARCHITECTURE.md, stage 1):
 
     resolve inputs (tokenize first with --corpus) -> load teacher, SAE, store -> check they agree
     -> plan shards -> open the writer (refuses another teacher/SAE/layer unless --overwrite)

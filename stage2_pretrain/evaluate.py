@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.storage.files import atomic_write_json
 
-from .config import EvalConfig
-from .data import val_starts
-from .metrics import perplexity
+from cocomix.stage2_pretrain.config import EvalConfig
+from cocomix.stage2_pretrain.data import val_starts
+from cocomix.stage2_pretrain.metrics import perplexity
 
 log = logging.getLogger(__name__)
 

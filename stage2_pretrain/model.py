@@ -1,4 +1,4 @@
-"""The CoCoMix student (DESIGN.md §5): a GPT-2 that predicts SAE concepts and mixes them back in.
+"""The CoCoMix student (docs/ARCHITECTURE.md, stage 2): a GPT-2 that predicts SAE concepts and mixes them back in.
 
 Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, projects/cocomix):
 
@@ -14,7 +14,7 @@ Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, project
 5. next-token logits come from the ``c`` positions -> ``ln_f`` -> tied ``lm_head``.
 
 Loss = CE_ntp + lam * concept CE. Officially the concept CE is ``(1/K) sum_i mean_t CE(z_t, label_ti)``,
-i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (DESIGN.md §4's fix)
+i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (see docs/ARCHITECTURE.md)
 are dropped and the mean is over the remaining slots; with no ignored slot both are equal.
 
 Shape legend: B batch, T tokens, S = 2T interleaved positions, D width, H heads, E head width,
@@ -256,6 +256,15 @@ class CoCoMixForCausalLM(PreTrainedModel):
         ntp_loss = None if labels is None else next_token_loss(logits_BTV, labels)
         return CoCoMixOutput(loss=combine(ntp_loss, step.loss, cfg.lam), ntp_loss=ntp_loss,
                              concept_loss=step.loss, logits=logits_BTV, concept_logits=step.z_BTL)
+
+    def predict_concepts(self, input_ids: torch.Tensor) -> ConceptStep:
+        """The concept step of ``forward`` alone (blocks below ``insert_layer`` only): z and its top-C."""
+        body = self.transformer
+        pos_T = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h_BTD = body.drop(body.wte(input_ids) + body.wpe(pos_T))
+        for block in body.h[:self.config.insert_layer]:
+            h_BTD = block(h_BTD)
+        return self.concept(h_BTD)
 
 
 # ----------------------------------------------------------------------------- losses

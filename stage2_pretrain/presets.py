@@ -1,4 +1,4 @@
-"""Model size presets (DESIGN.md §5 table), model construction and parameter accounting.
+"""Model size presets (the paper's table, docs/ARCHITECTURE.md), model construction and parameter accounting.
 
 Parameter accounting (``count_params``): every parameter once (the tied ``lm_head``/``wte`` matrix
 counts once) and **position embeddings included**, as ``num_parameters()`` in HF counts them; with

@@ -19,15 +19,15 @@ import torch
 from cocomix.pipeline.errors import ConfigError, IntegrityError
 from cocomix.pipeline.workspace import run_dir, workspace_root
 
-from . import checkpoint as ckpt_io
-from . import rundir
-from .config import PretrainConfig
-from .data import DataState, TargetSource, TokenSource, TrainStream
-from .inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
-from .metrics import RunLog, check_tracker, truncate_metrics
-from .optim import make_optimizer, make_scheduler
-from .plan import RunPlan, make_plan
-from .presets import Preset, build_model, count_params, get_preset, match_ntp_width
+from cocomix.stage2_pretrain import checkpoint as ckpt_io
+from cocomix.stage2_pretrain import rundir
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.data import DataState, TargetSource, TokenSource, TrainStream
+from cocomix.stage2_pretrain.inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
+from cocomix.stage2_pretrain.metrics import RunLog, check_tracker, truncate_metrics
+from cocomix.stage2_pretrain.optim import make_optimizer, make_scheduler
+from cocomix.stage2_pretrain.plan import RunPlan, make_plan
+from cocomix.stage2_pretrain.presets import Preset, build_model, count_params, get_preset, match_ntp_width
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):
 
 
 def resumed_model(ckpt: Path, inputs: TrainInputs, lam: float):
-    from .evaluate import load_checkpoint_model
+    from cocomix.stage2_pretrain.evaluate import load_checkpoint_model
 
     model = load_checkpoint_model(ckpt)
     if getattr(model.config, "model_type", "") == "cocomix":

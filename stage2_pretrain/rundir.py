@@ -18,7 +18,7 @@ from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.storage.files import atomic_write_json, fsync_dir
 from cocomix.storage.token_store import content_identity
 
-from .checkpoint import CKPT_DIR
+from cocomix.stage2_pretrain.checkpoint import CKPT_DIR
 
 log = logging.getLogger(__name__)
 

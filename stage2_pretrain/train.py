@@ -23,14 +23,14 @@ import torch
 
 from cocomix.pipeline.errors import CocomixError
 
-from . import checkpoint as ckpt_io
-from . import rundir
-from .config import PretrainConfig
-from .data import StepBatch, val_starts
-from .evaluate import PplResult, evaluate_split
-from .optim import CLIP
-from .prefetch import prefetch
-from .run_setup import Run, setup
+from cocomix.stage2_pretrain import checkpoint as ckpt_io
+from cocomix.stage2_pretrain import rundir
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.data import StepBatch, val_starts
+from cocomix.stage2_pretrain.evaluate import PplResult, evaluate_split
+from cocomix.stage2_pretrain.optim import CLIP
+from cocomix.stage2_pretrain.prefetch import prefetch
+from cocomix.stage2_pretrain.run_setup import Run, setup
 
 log = logging.getLogger(__name__)
 

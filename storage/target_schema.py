@@ -1,4 +1,4 @@
-"""Target-shard format (DESIGN.md §3): schema, dtypes, shard plan, safe paths.
+"""Target-shard format (docs/ARCHITECTURE.md, formats): schema, dtypes, shard plan, safe paths.
 
 ::
 

@@ -1,4 +1,4 @@
-"""``cocomix tokenize``: corpus -> Zarr token store (DESIGN.md §2-3), resumable.
+"""``cocomix tokenize``: corpus -> Zarr token store (docs/ARCHITECTURE.md, formats), resumable.
 
 Table of contents of :func:`run_tokenize`: resolve the corpus -> decide (fresh / resume /
 no-op / refuse) -> tokenizer (load or train) -> stream batches through the tokenizer ->

@@ -26,7 +26,7 @@ def test_quickstart_end_to_end(tmp_path):
     for method in ("cocomix", "ntp"):
         assert math.isfinite(result.val_ppl[method]) and result.val_ppl[method] > 1
         assert json.loads((result.paths[method] / "final" / "eval.json").read_text())["val_ppl"] == result.val_ppl[method]
-    # matched active parameters (DESIGN.md §5): the NTP width is chosen for this vocabulary and SAE
+    # matched active parameters: the NTP width is chosen for this vocabulary and SAE
     ratio = result.active_params["ntp"] / result.active_params["cocomix"]
     assert abs(ratio - 1) < 0.05, result.active_params
     # a second run finds every step finished and redoes nothing

@@ -5,7 +5,7 @@ teacher forward, ``loss.backward()`` with every parameter requiring grad (the gr
 the hooked activation captured with ``retain_grad``), the OpenAI SAE encode written out
 from the state dict, the dense ``(grad_x @ decoder.weight) * latents`` and ``torch.topk``
 over all latents. Every slot with a positive score must be identical; every other slot
-must be ``ignore_id`` (the fix of DESIGN.md §4.6).
+must be ``ignore_id`` (the deliberate difference from the official code).
 """
 from __future__ import annotations
 

@@ -10,8 +10,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
 from cocomix.storage.targets import TargetReader
