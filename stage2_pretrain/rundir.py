@@ -52,7 +52,7 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 def only_leftovers(out: Path) -> bool:
     """``out`` holds nothing but this tool's files and no complete checkpoint: a run that failed
     before its first checkpoint (a plain retry may start over there)."""
-    from .checkpoint import complete_checkpoints
+    from cocomix.stage2_pretrain.checkpoint import complete_checkpoints
 
     names = {p.name for p in out.iterdir()}
     return names <= set(OWNED) - {FINAL} and not complete_checkpoints(out)
