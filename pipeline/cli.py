@@ -11,6 +11,7 @@ from cocomix.pipeline import __version__
 from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
+from cocomix.pipeline.study import StudyConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
 from cocomix.stage2_pretrain.concepts_config import DescribeConfig, ShowConfig, WeightsConfig
 from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
@@ -52,6 +53,7 @@ COMMANDS = {
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
+    "study": (app, StudyConfig, "cocomix.pipeline.study:run_study"),
     "concepts describe": (concepts_app, DescribeConfig, "cocomix.stage2_pretrain.concepts_describe:run_describe"),
     "concepts show": (concepts_app, ShowConfig, "cocomix.stage2_pretrain.concepts_show:run_show"),
     "concepts weights": (concepts_app, WeightsConfig, "cocomix.stage2_pretrain.concepts_weights:run_weights"),

@@ -91,7 +91,8 @@ class EvalResult:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """A CoCoMix checkpoint or a stock GPT-2 folder, by ``model_type`` in its config.json."""
+    """A CoCoMix, pause or stock GPT-2 (NTP, KD) folder, by ``model_type`` in its config.json; loaded through
+    :func:`cocomix.storage.safe_load.load_model` (no remote code, weights must cover the config exactly)."""
     from cocomix.storage.safe_load import load_model, read_config
 
     if not (Path(ckpt) / "config.json").exists():
@@ -101,6 +102,8 @@ def load_checkpoint_model(ckpt: Path):
         from cocomix.stage2_pretrain.model import CoCoMixForCausalLM as cls
     elif model_type == "gpt2":
         from transformers import GPT2LMHeadModel as cls
+    elif model_type == "cocomix-pause":
+        from cocomix.stage2_pretrain.model_pause import PauseForCausalLM as cls
     else:
         from transformers import AutoModelForCausalLM as cls
     return load_model(cls, ckpt, "checkpoint")
