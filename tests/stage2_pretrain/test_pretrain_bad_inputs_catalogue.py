@@ -128,9 +128,9 @@ def test_non_finite_loss_advice_is_a_command_that_works(tmp_path, token_store, m
     real, calls = train_mod.forward_backward, []
 
     def poisoned(run, batch):
-        ntp, concept = real(run, batch)
+        parts = real(run, batch)
         calls.append(1)
-        return (ntp * float("nan"), concept) if len(calls) == 3 else (ntp, concept)
+        return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == 3 else parts
 
     monkeypatch.setattr(train_mod, "forward_backward", poisoned)
     out = tmp_path / "run"
