@@ -85,7 +85,7 @@ class HFDecoder:
     @torch.no_grad()
     def __call__(self, ids_BN: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids_BN, use_cache=True, **{self.cache_arg: self.cache})
-        self.cache = out.get("cache", out.get("past_key_values"))
+        self.cache = out[self.cache_arg]  # the output field is named as the argument
         return out.logits
 
 

@@ -182,3 +182,21 @@ def test_full_decoder_is_the_models_forward():
     model, ids = ntp(), prompt(T=6)
     with torch.no_grad():
         assert torch.equal(FullDecoder(model)(ids), model(ids).logits)
+
+
+def test_a_student_interleaving_a_learned_vector_reuses_the_decoder():
+    """Pause-token students interleave one learned vector instead of the concept: same cache, other ``insert``."""
+    from cocomix.stage2_pretrain.model import ConceptStep
+
+    model, pause_D = cocomix(), torch.randn(32)
+
+    class Pause(torch.nn.Module):  # the uncached reference: the model's forward with the vector interleaved
+        def forward(self, h_BTD, ids_BTK=None):
+            return ConceptStep(None, None, None, pause_D.expand_as(h_BTD))
+
+    model.concept = Pause()
+    cached = InterleavedDecoder(model, lambda h_BND: pause_D.expand_as(h_BND))
+    kw = dict(max_new_tokens=10, sampling=Sampling(temperature=0), keep_logits=True)
+    a, b = generate(cached, prompt(), **kw), generate(FullDecoder(model), prompt(), **kw)
+    for x, y in zip(a.logits, b.logits, strict=True):
+        assert_close(x, y, **TIGHT)
