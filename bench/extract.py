@@ -8,9 +8,12 @@ Runs in one process on the same random teacher, SAE and windows:
                 gradients for every parameter, dense ``(grad @ W_dec) * latents`` over all
                 latents, ``topk`` (fp32, as the official extractor runs outside autocast)
   (b_tl)        the same on the official code's own teacher, a TransformerLens HookedTransformer
-                (einsum attention, hook points), when ``transformer-lens`` 3.x is installed
+                made from the same weights (einsum attention, hook points), when ``transformer-lens``
+                3.x is installed; both references live in ``cocomix.stage1_extract.official``
   (c) forward   ``model(ids)`` under ``no_grad`` (fp32 as (a)): the floor
   (a_bf16)      (a) under bf16 autocast (``extract --dtype bfloat16``), on CUDA only
+  (a_kd)        (a) with ``--kd-samples N`` KD targets drawn in the same head pass (uniforms made
+                per window on the CPU, as ``extract`` does); printed as a_kd time / a time (goal <= 1.10)
 
 Everything runs in fp32, with TF32 matmuls on CUDA as the official ``main.py`` sets them.
 
@@ -20,6 +23,7 @@ label agreement of (a) and (b) on slots with a positive score, and MFU on CUDA.
     python bench/extract.py                 # scaled-down GPT-2 shapes on CPU (fast)
     python bench/extract.py --full          # more windows, wider model (CPU)
     python bench/extract.py --gpu-shapes    # GPT-2 small: d 768, 12 layers, 32768 latents, window 1024
+    python bench/extract.py --kd-samples 32 # + the cost of 32 KD samples per token
 """
 from __future__ import annotations
 
@@ -27,14 +31,14 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
+from cocomix.stage1_extract import official
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
-from cocomix.stage1_extract.sae import TopKSAE, scatter_latents
+from cocomix.stage1_extract.kd_samples import batch_uniforms
+from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
@@ -77,73 +81,42 @@ def build(shapes: Shapes, device: torch.device) -> tuple[Teacher, TopKSAE]:
 
 
 def official_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: int) -> torch.Tensor:
-    """RAM concept_extractor: forward, loss.backward() with parameter grads, dense attribution, topk."""
-    cache = {}
-
-    def hook(module, inputs, output):
-        output.retain_grad()
-        cache["x"] = output
-
-    handle = model.transformer.h[layer].register_forward_hook(hook)
-    logits = model(ids).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-    loss.backward()  # gradients for every parameter, never zeroed (as the official code)
-    handle.remove()
-    x, grad_x = cache["x"].detach(), cache["x"].grad
+    """RAM concept_extractor on the HF teacher: forward, loss.backward() with parameter grads, dense attribution, topk."""
+    x, grad = official.hf_grad(model, ids, layer, copy_model=False)
     with torch.no_grad():
-        enc = sae.encode(x)
-        latents = scatter_latents(enc.top_idx, enc.top_val, sae.n_latents)
-        attribute = torch.matmul(grad_x, sae.W_dec) * latents
-        return torch.topk(attribute, k_attr, dim=-1)
+        return official.official_attribution(official.sae_state(sae), x, grad, k_attr)
 
 
-def build_official_tl(shapes: Shapes, device: torch.device):
-    """The official extractor's own teacher: a TransformerLens ``HookedTransformer`` of the same shapes
-    (random weights; ``LNPre`` as ``from_pretrained``'s default ``fold_ln`` leaves it). None when
-    ``transformer-lens`` (3.x, ``pip install -e '.[bench]'``) is not installed."""
+def build_official_tl(model):
+    """The official extractor's own teacher: a TransformerLens ``HookedTransformer`` made from the same HF
+    weights (``from_pretrained``'s default processing). None when ``transformer-lens`` is not installed."""
     try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        return official.tl_teacher_from_hf(model)
     except ImportError:
         return None
-    cfg = HookedTransformerConfig(n_layers=shapes.n_layer, d_model=shapes.d, n_ctx=max(1024, shapes.window),
-                                  d_head=shapes.d // shapes.n_head, n_heads=shapes.n_head, d_mlp=4 * shapes.d,
-                                  d_vocab=shapes.vocab, act_fn="gelu_new", normalization_type="LNPre",
-                                  device=str(device), seed=0)
-    return HookedTransformer(cfg).train(False)
 
 
 def official_tl_step(model, sae: TopKSAE, ids: torch.Tensor, layer: int, k_attr: int) -> torch.Tensor:
-    """RAM ``TransformerLensSAE.compute_attribute`` line by line: fwd/bwd hooks, ``loss.backward()``
-    with every parameter's gradient (never zeroed), dense ``(grad_x @ W_dec) * latents``, ``topk``."""
-    name, cache, grad_cache = f"blocks.{layer}.hook_resid_post", {}, {}
-    model.reset_hooks()
-    model.add_hook(name, lambda act, hook: cache.__setitem__(hook.name, act.detach()), "fwd")
-    model.add_hook(name, lambda act, hook: grad_cache.__setitem__(hook.name, act.detach()), "bwd")
-    logits = model(ids)
-    loss = F.cross_entropy(logits[..., :-1, :].contiguous().view(-1, logits.size(-1)), ids[..., 1:].contiguous().view(-1))
-    loss.backward()
-    model.reset_hooks()
+    """RAM ``TransformerLensSAE.compute_attribute`` line by line (the reference in ``cocomix.stage1_extract.official``)."""
+    x, grad = official.tl_grad(model, ids, layer)
     with torch.no_grad():
-        enc = sae.encode(cache[name])
-        latents = scatter_latents(enc.top_idx, enc.top_val, sae.n_latents)
-        attribute = torch.matmul(grad_cache[name], sae.W_dec) * latents
-        return torch.topk(attribute, k_attr, dim=-1)
+        return official.official_attribution(official.sae_state(sae), x, grad, k_attr)
 
 
 def timed(methods: dict[str, Callable[[torch.Tensor], object]], batches: list[torch.Tensor],
-          device: torch.device) -> dict[str, float]:
+          device: torch.device, clock=time.perf_counter) -> dict[str, float]:
     """tokens/s of each method: one warm-up call each, then the methods take turns on every batch
-    (so a busy machine slows all of them alike) and each gets its median batch time."""
+    (so a busy machine slows all of them alike) and each gets its median batch time (by ``clock``)."""
     for fn in methods.values():
         fn(batches[0])
     times: dict[str, list[float]] = {name: [] for name in methods}
     for ids in batches:
         for name, fn in methods.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(ids)
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: batches[0].numel() / statistics.median(ts) for name, ts in times.items()}
 
 
@@ -172,9 +145,9 @@ def flops_per_token(s: Shapes, ours: bool) -> float:
     return fwd + ((s.n_layer - s.layer - 1) * block + head if ours else 0)
 
 
-def agreement(ours, official) -> float:
+def agreement(ours, ref) -> float:
     """Share of slots with a positive official score where (a) has the same latent."""
-    vals, idx = official
+    vals, idx = ref
     valid = vals > 0
     return float((ours.ids_BTA[valid] == idx[valid]).float().mean()) if valid.any() else float("nan")
 
@@ -186,6 +159,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=int, default=None, help="timed batches per method")
     ap.add_argument("--batch", type=int, default=None, help="windows per batch (e.g. 1 for --gpu-shapes on a CPU)")
+    ap.add_argument("--kd-samples", type=int, default=0, help="also time (a) with this many KD samples per token (a_kd)")
+    ap.add_argument("--only-kd", action="store_true", help="with --kd-samples: time only (a) and (a_kd)")
     args = ap.parse_args()
     shapes = GPU if args.gpu_shapes else CPU_FULL if args.full else CPU
     if args.batches:
@@ -193,10 +168,37 @@ def main() -> None:
     if args.batch:
         shapes.batch = args.batch
     device = torch.device(args.device)
-    run(shapes, device)
+    if args.only_kd:
+        run_kd(shapes, device, args.kd_samples or 32)
+    else:
+        run(shapes, device, args.kd_samples)
 
 
-def run(shapes: Shapes, device: torch.device) -> None:
+def kd_method(teacher, sae, shapes: Shapes, n_samples: int):
+    """(a) with KD samples, the uniforms made as ``extract`` makes them (numpy, per window, on the CPU)."""
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4, kd_samples=n_samples)
+    return lambda ids: label_batch(teacher, sae, ids, spec, batch_uniforms("train", 0, *ids.shape, n_samples))
+
+
+def run_kd(shapes: Shapes, device: torch.device, n_samples: int) -> None:
+    """Only (a) and (a_kd): the KD overhead, the same shapes, one run. On CPU the clock is this
+    process's CPU time: on a shared machine wall time measures the neighbours (a 1-2 % effect can
+    drown in 20 % of scheduling noise)."""
+    teacher, sae = build(shapes, device)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
+               for _ in range(shapes.batches)]
+    spec = AttributionSpec(layer=shapes.layer, k_attr=4)
+    rates = timed({"a_ours": lambda ids: label_batch(teacher, sae, ids, spec),
+                   "a_kd": kd_method(teacher, sae, shapes, n_samples)}, batches, device,
+                  clock=time.perf_counter if device.type == "cuda" else time.process_time)
+    print(f"device {device}; shapes {shapes}")
+    for name, rate in rates.items():
+        print(f"  {name:<11} {rate:>12,.0f} tokens/s")
+    print(f"  a_kd time / a time = {rates['a_ours'] / rates['a_kd']:.3f}   ({n_samples} KD samples per token; goal <= 1.10)")
+
+
+def run(shapes: Shapes, device: torch.device, kd_samples: int = 0) -> None:
     teacher, sae = build(shapes, device)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shapes.vocab, (shapes.batch, shapes.window), generator=gen).to(device)
@@ -219,14 +221,21 @@ def run(shapes: Shapes, device: torch.device) -> None:
     }
     if device.type == "cuda":  # `--dtype bfloat16`
         methods["a_ours_bf16"] = lambda ids: label_batch(teacher, sae, ids, bf16)
-    tl_model = build_official_tl(shapes, device)
+    if kd_samples:
+        methods["a_kd"] = kd_method(teacher, sae, shapes, kd_samples)
+    tl_model = build_official_tl(teacher.model)
+    if tl_model is not None:
+        tl_model = tl_model.to(device)
     if tl_model is not None:
         methods["b_official_tl"] = lambda ids: official_tl_step(tl_model, sae, ids, shapes.layer, 4)
     rates = timed(methods, batches, device)
     peaks = {name: peak_memory(fn, batches[0], device) for name, fn in methods.items()}
-    official = official_step(official_model, sae, batches[0], shapes.layer, 4)
-    agree = {"a_ours": agreement(label_batch(teacher, sae, batches[0], spec), official),
-             "a_ours_bf16": agreement(label_batch(teacher, sae, batches[0], bf16), official)}
+    ref = official_step(official_model, sae, batches[0], shapes.layer, 4)
+    agree = {"a_ours": agreement(label_batch(teacher, sae, batches[0], spec), ref),
+             "a_ours_bf16": agreement(label_batch(teacher, sae, batches[0], bf16), ref)}
+    if tl_model is not None:
+        agree["a_ours_vs_tl"] = agreement(label_batch(teacher, sae, batches[0], spec),
+                                          official_tl_step(tl_model, sae, batches[0], shapes.layer, 4))
     report(shapes, device, rates, peaks, agree)
 
 
@@ -249,7 +258,11 @@ def report(shapes: Shapes, device: torch.device, rates: dict, peaks: dict, agree
     else:
         print("  a/b_tl: not measured (pip install -e '.[bench]' for the official TransformerLens path)")
     print(f"  a/c = {rates['a_ours'] / rates['c_forward']:.2f}   (goal >= 0.5)")
+    if "a_kd" in rates:
+        print(f"  a_kd time / a time = {rates['a_ours'] / rates['a_kd']:.3f}   (KD samples in the same pass; goal <= 1.10)")
     print(f"  label agreement with (b) on positive-score slots: (a) {agree['a_ours']:.4f}, (a, bf16 autocast) {agree['a_ours_bf16']:.4f}")
+    if "a_ours_vs_tl" in agree:
+        print(f"  label agreement of (a) with (b_tl), the TransformerLens teacher of the same weights: {agree['a_ours_vs_tl']:.4f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # One prepared run of the GPU benchmarks at real shapes with random weights (no downloads):
 #   stage 1 at GPT-2-small shapes (d 768, 12 layers, V 50257, 32768 latents, window 1024),
 #   stage 2 at 69m shapes (CoCoMix d 512 vs matched NTP, bf16, fused AdamW, MFU),
+#   KD samples in the extract pass and every pretrain method vs NTP (69m shapes),
 #   SAE decode/train step at GPT-2-small SAE shapes, storage read rates,
 #   and a CUDA smoke run of the shipped FSDP config (bf16 mixed precision, NCCL, 1 process: a small
 #   quickstart chain makes the inputs, then `pretrain` under FSDP, killed and resumed).
@@ -15,6 +16,8 @@ pip install -q -e . >/dev/null 2>&1 || true
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${BENCH_TIMEOUT:-240}" "$@" 2>&1 | tee "$out/$name.txt"; }
 run extract python bench/extract.py --gpu-shapes --device cuda
 run pretrain python bench/pretrain.py --gpu-shapes
+run extract-kd python bench/extract.py --gpu-shapes --device cuda --kd-samples 32 --only-kd
+run pretrain-methods python bench/pretrain.py --gpu-shapes --methods --rounds 5
 run sae python bench/sae.py --full
 run storage python bench/storage.py
 

@@ -4,11 +4,13 @@ the official dense compress for comparison, and the data loader's rate vs what a
     python bench/pretrain.py               # CPU: 69m proportions at d 128 (vocab 12564, 8192 latents, context 256)
     python bench/pretrain.py --full        # CPU: the same at d 256
     python bench/pretrain.py --gpu-shapes  # the 69m preset's shapes on CUDA, bf16 autocast, fused AdamW, MFU
+    python bench/pretrain.py --methods     # every method (kd, pause, ablations) vs NTP beside its FLOP ratio
 
 A step = forward + backward + AdamW step (+ zero_grad). The variants are timed round-robin (a
 round of each, repeated) so that load drift on a shared machine hits them alike; medians are
-reported. Goals (DESIGN.md §7, issue 4): CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x
-the step's token consumption.
+reported. Goals (cost model in docs/ARCHITECTURE.md): CoCoMix/NTP step-time ratio <= 1.35, loader >= 10x
+the step's token consumption; with ``--methods``, each method's step time / NTP's within 1.10x of its
+FLOP ratio (:func:`method_flops_per_token`), every method at the width matched to the CoCoMix student.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 
 from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.stage2_pretrain.data import MicroBatch
+from cocomix.stage2_pretrain.methods import MethodSpec, StudentShape, build_student, match_width, micro_loss
 from cocomix.stage2_pretrain.model import ConceptBottleneck, ConceptStep, concept_ce
 from cocomix.stage2_pretrain.presets import Preset, build_model, count_params, get_preset, match_ntp_width
 
@@ -68,7 +72,8 @@ class DenseBottleneck(ConceptBottleneck):
 class UnfusedBottleneck(ConceptBottleneck):
     """Plain autograd ``topk`` + :func:`concept_ce` instead of the fused :class:`SelectAndScore`."""
 
-    def forward(self, h_BTD: torch.Tensor, ids_BTK: torch.Tensor | None = None) -> ConceptStep:
+    def forward(self, h_BTD: torch.Tensor, concept_ids: torch.Tensor | None = None, **_) -> ConceptStep:
+        ids_BTK = concept_ids
         norm = layernorm_unbiased(h_BTD)
         z_BTL = self.predictor(norm.x - self.pre_bias)
         top = z_BTL.topk(self.k_concept, dim=-1)
@@ -177,6 +182,109 @@ def bench_models(shapes: Shapes, device: str, rounds: int, steps: int) -> list[d
     return rows
 
 
+# ----------------------------------------------------------------------------- --methods
+METHOD_SPECS = {  # every `pretrain` method and CoCoMix ablation whose cost differs
+    "ntp": MethodSpec("ntp"), "kd": MethodSpec("kd"), "pause": MethodSpec("pause"), "pause-kd": MethodSpec("pause-kd"),
+    "cocomix": MethodSpec(), "mix-add": MethodSpec(mix="add"), "mix-none": MethodSpec(mix="none"),
+    "hidden": MethodSpec(concept_target="hidden"), "hidden-add": MethodSpec(concept_target="hidden", mix="add"),
+}
+KD_SAMPLES = 32
+
+
+def method_flops_per_token(spec: MethodSpec, shapes: Shapes, width: int, d_teacher: int) -> float:
+    """Training FLOPs per token (6 x matmul params per position + 12 x layers x d x context for attention).
+
+    Interleaving students (pause, CoCoMix ``interleave``) run the upper blocks on two positions per
+    token over a 2T context; the head reads T positions. KD's gathers and the concept-loss passes
+    over z are not matmuls and do not count (they are what the measurement adds to the model).
+    """
+    p, V, L, d, T = shapes.preset, shapes.vocab, shapes.n_latents, width, shapes.preset.context
+    up = p.n_layer - p.insert_layer
+    doubled = spec.arch == "pause" or (spec.arch == "cocomix" and spec.mix == "interleave")
+    blocks = 6 * 12 * d * d * p.n_layer + 12 * p.n_layer * d * T
+    if doubled:  # the upper blocks again on the second position, attention over 2T: 2 x (1x -> 4x)
+        blocks += 6 * 12 * d * d * up + 12 * up * d * T * 3
+    head = 6 * d * V
+    if spec.arch != "cocomix":
+        return blocks + head
+    if spec.concept_target == "hidden":
+        concept = 6 * (d * d_teacher + d_teacher * d_teacher) + (6 * d_teacher * d if spec.mix != "none" else 0)
+    else:
+        concept = 6 * d * L + (6 * p.k_concept * d if spec.mix != "none" else 0)
+    return blocks + head + concept
+
+
+def method_batch(shapes: Shapes, d_teacher: int) -> MicroBatch:
+    p, g = shapes.preset, torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shapes.vocab, (p.micro_batch, p.context), generator=g)
+    cids = torch.randint(0, shapes.n_latents, (p.micro_batch, p.context, shapes.k_attr), generator=g)
+    kd = torch.randint(0, shapes.vocab, (p.micro_batch, p.context, KD_SAMPLES), generator=g)
+    hidden = torch.randn(p.micro_batch, p.context, d_teacher, generator=g).half()
+    return MicroBatch(ids, cids, {"kd_ids": kd, "hidden": hidden})
+
+
+def bench_methods(shapes: Shapes, device: str, rounds: int, steps: int) -> list[dict]:
+    """Every method at its matched width: step time / NTP's beside FLOPs / NTP's."""
+    d_teacher = round(1.5 * shapes.preset.cocomix_d)  # GPT-2 small (768) over the 69m student (512)
+    shape = StudentShape(shapes.vocab, shapes.n_latents, shapes.k_attr, 65535, None, d_teacher)
+    preset = shapes.preset if not shapes.match else dataclasses.replace(shapes.preset, name="bench")
+    widths = {n: match_width(spec, preset, shape).width for n, spec in METHOD_SPECS.items()}
+    if not shapes.match:  # paper shapes: the table's NTP width for NTP and KD (match_width keeps it too)
+        widths.update(ntp=preset.ntp_d, kd=preset.ntp_d)
+    torch.manual_seed(0)
+    models = {n: build_student(spec, preset, widths[n], shape).to(device).train() for n, spec in METHOD_SPECS.items()}
+    batch = method_batch(shapes, d_teacher)
+    step = lambda name: method_step(METHOD_SPECS[name], models[name], batch, device)  # noqa: E731
+    secs = time_steps({n: (lambda n=n: step(n)) for n in models}, models, device, rounds, steps)
+    flops = {n: method_flops_per_token(METHOD_SPECS[n], shapes, widths[n], d_teacher) for n in models}
+    return [dict(name=n, width=widths[n], active=count_params(models[n]).active, step_s=secs[n],
+                 ratio=secs[n] / secs["ntp"], flop_ratio=flops[n] / flops["ntp"]) for n in models]
+
+
+_OPTS: dict = {}
+
+
+def method_step(spec: MethodSpec, model, batch: MicroBatch, device: str) -> None:
+    opt = _OPTS.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                                        fused=device.startswith("cuda")))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        out = micro_loss(spec, model, batch, device)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_steps(fns: dict, models: dict, device: str, rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per step, round-robin (CPU: process time, as :func:`time_variants`)."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            sync(device)
+            t0 = clock()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[n].append((clock() - t0) / steps)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def report_methods(rows: list[dict], shapes: Shapes, device: str) -> None:
+    p = shapes.preset
+    print(f"\nmethods at matched active params ({p.n_layer} layers, insert {p.insert_layer}, vocab {shapes.vocab}, "
+          f"latents {shapes.n_latents}, {KD_SAMPLES} KD samples, micro-batch {p.micro_batch} x context {p.context}, {device})")
+    print("| method | width | active params | step (ms) | step / NTP | FLOPs / NTP | step ratio / FLOP ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['width']} | {r['active'] / 1e6:.2f}M | {1e3 * r['step_s']:.1f} | {r['ratio']:.3f} | "
+              f"{r['flop_ratio']:.3f} | {r['ratio'] / r['flop_ratio']:.3f} |")
+    worst = max(rows, key=lambda r: r["ratio"] / r["flop_ratio"])
+    print(f"worst step ratio / FLOP ratio: {worst['ratio'] / worst['flop_ratio']:.3f} ({worst['name']}; goal <= 1.10)")
+
+
 def bench_loader(shapes: Shapes, n_steps: int) -> dict:
     """Tokens/s of the real training stream (target shards -> int64 micro-batches) at the shapes' batch."""
     try:
@@ -187,8 +295,9 @@ def bench_loader(shapes: Shapes, n_steps: int) -> dict:
     p = shapes.preset
     with tempfile.TemporaryDirectory() as tmp:
         reader = TargetReader.open(write_synthetic_targets(Path(tmp), shapes))
-        stream = TrainStream(TargetSource(reader, "train"), context=p.context, micro=p.micro_batch, accum=1,
-                             world=1, rank=0, seed=0)
+        aligned = reader.window_length == p.context  # else (--context override) read as the free ablation does
+        stream = TrainStream(TargetSource(reader, "train", aligned=aligned), context=p.context, micro=p.micro_batch,
+                             accum=1, world=1, rank=0, seed=0, offsets=reader.offsets if aligned else None)
         state = stream.next_step(DataState()).state  # first touch of the memory map
         t0 = time.perf_counter()
         for _ in range(n_steps):
@@ -253,6 +362,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 1 CPU, 5 GPU)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable CPU-time figures)")
     ap.add_argument("--no-loader", action="store_true", help="skip the data-loader measurement")
+    ap.add_argument("--methods", action="store_true", help="time every pretrain method vs NTP beside its FLOP ratio (only)")
     return ap.parse_args()
 
 
@@ -272,6 +382,9 @@ def main() -> None:
     steps = args.steps or (5 if device.startswith("cuda") else 1)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU"
     print(f"torch {torch.__version__}, {platform.machine()}, CPU threads {torch.get_num_threads()}, {gpu}")
+    if args.methods:
+        report_methods(bench_methods(shapes, device, rounds, steps), shapes, device)
+        return
     rows = bench_models(shapes, device, rounds, steps)
     loader = None if args.no_loader else bench_loader(gpu_shapes(), n_steps=50)  # the 69m batch: 16 x 1024
     report(rows, loader, shapes, device)

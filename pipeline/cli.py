@@ -11,7 +11,9 @@ from cocomix.pipeline import __version__
 from cocomix.pipeline.configs import add_command
 from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
+from cocomix.pipeline.study import StudyConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
+from cocomix.stage2_pretrain.concepts_config import DescribeConfig, ShowConfig, WeightsConfig
 from cocomix.stage2_pretrain.config import EvalConfig, PretrainConfig
 from cocomix.stage2_pretrain.generate_config import GenerateConfig, SteerConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
@@ -25,6 +27,8 @@ app = typer.Typer(
 )
 sae_app = typer.Typer(help="Sparse autoencoders for teachers without a published one.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
+concepts_app = typer.Typer(help="Read the concepts of a CoCoMix student: a concept dictionary, per-token predictions, W_comp norms.", no_args_is_help=True)
+app.add_typer(concepts_app, name="concepts")
 
 
 def _version(value: bool) -> None:
@@ -52,6 +56,10 @@ COMMANDS = {
     "generate": (app, GenerateConfig, "cocomix.stage2_pretrain.generate:run_generate"),
     "steer": (app, SteerConfig, "cocomix.stage2_pretrain.steer:run_steer"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
+    "study": (app, StudyConfig, "cocomix.pipeline.study:run_study"),
+    "concepts describe": (concepts_app, DescribeConfig, "cocomix.stage2_pretrain.concepts_describe:run_describe"),
+    "concepts show": (concepts_app, ShowConfig, "cocomix.stage2_pretrain.concepts_show:run_show"),
+    "concepts weights": (concepts_app, WeightsConfig, "cocomix.stage2_pretrain.concepts_weights:run_weights"),
 }
 
 for _name, (_app, _cfg, _run) in COMMANDS.items():

@@ -1,4 +1,4 @@
-"""Concept labels of a batch of windows: teacher + SAE + attribution (DESIGN.md §4).
+"""Concept labels of a batch of windows: teacher + SAE + attribution (docs/ARCHITECTURE.md, stage 1).
 
 The official extractor (RAM ``projects/cocomix/models/concept_extractor.py``) runs the
 whole teacher forward, ``loss.backward()`` with gradients for every parameter, the
@@ -14,14 +14,21 @@ labels come out of much less work here:
 4. only the k active latents can score non-zero: ``(g . W_dec[:, idx]) * val`` is k dot
    products by gather instead of a ``[D, L]`` matmul.
 
+With ``kd_samples`` N > 0 the same head pass also draws N ids per position from the fp32
+softmax it has just computed (:mod:`.kd_samples`), before that buffer becomes the gradient:
+KD targets cost a cumulative sum and a search, not a second teacher pass. The last
+position of a window, which predicts nothing inside it, gets one small extra head call.
+With ``store_hidden`` the fp32 output of block ``layer`` (the SAE's input) is returned too.
+
 Labels are the ``k_attr`` best strictly positive scores, best first; other slots hold
-``ignore_id`` (the fix of DESIGN.md §4.6). The loss is the mean CE *per window*
+``ignore_id`` (the one deliberate difference from the official code, docs/ARCHITECTURE.md). The loss is the mean CE *per window*
 (§4.2: the teacher sees each window alone), so a window's labels and scores do not
 depend on what else shares its batch; the official mean over the whole batch only
 rescales every score of a batch of B windows by 1/B, which leaves the labels unchanged.
 
 Shape legend: ``B`` windows, ``T`` tokens, ``D`` model width, ``V`` vocabulary,
-``L`` SAE latents, ``K`` SAE active latents, ``A`` labels kept per token (k_attr), ``N`` B*T.
+``L`` SAE latents, ``K`` SAE active latents, ``A`` labels kept per token (k_attr), ``N`` B*T,
+``S`` KD samples per token.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from cocomix.stage1_extract.kd_samples import sample_from_logits, sample_from_probs
 from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher, embed, run_blocks
 
@@ -50,6 +58,8 @@ class AttributionSpec:
     attribution_input: str = "post"  #: ``post`` (TopK activations) or ``pre`` (dense pre-activations)
     ignore_id: int = 65535
     autocast_dtype: torch.dtype | None = None  #: bf16 autocast for the teacher; None = fp32
+    kd_samples: int = 0  #: KD ids drawn per position from the teacher's softmax (0: none)
+    store_hidden: bool = False  #: also return the hidden state at ``layer``
 
 
 class WindowLabels(NamedTuple):
@@ -59,6 +69,16 @@ class WindowLabels(NamedTuple):
     scores_BTA: torch.Tensor  #: float32 scores; 0 where the id is ``ignore_id``
     loss_B: torch.Tensor  #: per-window mean next-token CE (NaN-free unless the teacher diverged)
     finite_B: torch.Tensor  #: bool: the window's activation and loss are finite
+    kd_ids_BTS: torch.Tensor | None = None  #: int64 token ids sampled from the teacher's next-token softmax
+    hidden_BTD: torch.Tensor | None = None  #: fp32 output of block ``layer``
+
+
+class HeadPass(NamedTuple):
+    """One chunk of the head: weighted CE per row, its input gradient, and KD samples (if asked)."""
+
+    ce_N: torch.Tensor
+    g_ND: torch.Tensor
+    kd_NS: torch.Tensor | None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -76,12 +96,12 @@ def hidden_below(teacher: Teacher, ids_BT: torch.Tensor, spec: AttributionSpec):
 
 
 def head_ce_grad(head: torch.nn.Linear, x_ND: torch.Tensor, targets_N: torch.Tensor, weight_N: torch.Tensor,
-                 autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 autocast_dtype: torch.dtype | None = None, u_NS: torch.Tensor | None = None) -> HeadPass:
     """Weighted next-token CE of ``head`` on ``x_ND`` and its gradient w.r.t. ``x_ND``, in closed form.
 
     ``d CE / d logits = softmax(logits) - onehot(target)``, so the gradient is
     ``(w * (p - onehot)) @ W_head``: one fp32 [n, V] buffer reused in place, no autograd graph.
-    Returns (per-row weighted CE [n], gradient [n, D]).
+    With uniforms ``u_NS``, KD ids are drawn from the softmax while the buffer holds it.
     """
     with _autocast(x_ND.device, autocast_dtype):
         logits_NV = head(x_ND)
@@ -89,49 +109,86 @@ def head_ce_grad(head: torch.nn.Linear, x_ND: torch.Tensor, targets_N: torch.Ten
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     ce_N = (lse_N - logits_NV.gather(-1, targets_N[:, None]).squeeze(-1)) * weight_N
     probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # softmax, in place of the logits
+    kd_NS = None if u_NS is None else sample_from_probs(probs_NV, u_NS)
     probs_NV.scatter_add_(-1, targets_N[:, None], probs_NV.new_full((len(targets_N), 1), -1.0))
     probs_NV.mul_(weight_N[:, None])
     with _autocast(x_ND.device, autocast_dtype):
         g_ND = probs_NV @ head.weight  # [n, V] @ [V, D]
-    return ce_N, g_ND.float()
+    return HeadPass(ce_N, g_ND.float(), kd_NS)
+
+
+class HeadResult(NamedTuple):
+    """What :func:`chunked_ce_grad` returns."""
+
+    loss_B: torch.Tensor  #: per-window mean CE
+    grad_BTD: torch.Tensor  #: d(sum of window means) / d top_BTD
+    kd_BTS: torch.Tensor | None  #: KD ids at every position (None without uniforms)
 
 
 def chunked_ce_grad(teacher: Teacher, top_BTD: torch.Tensor, ids_BT: torch.Tensor,
-                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    autocast_dtype: torch.dtype | None = None, u_BTS: torch.Tensor | None = None) -> HeadResult:
     """Per-window mean CE of the head on ``top_BTD`` (after ln_f) and d(sum of window means)/d top_BTD.
 
     Positions are taken ``HEAD_CHUNK_TOKENS`` rows at a time (head forward, fp32 CE and
     the head's input gradient at once), so one chunk of logits exists at a time and the
-    head runs once. The last position predicts nothing: its gradient is zero.
+    head runs once. The last position predicts nothing: its gradient is zero. With uniforms
+    ``u_BTS`` KD ids are drawn at every position (the last one by a separate [B, V] head call,
+    so the chunks, and hence the labels, are those of a run without KD).
     """
     B, T, D = top_BTD.shape
     loss_B = top_BTD.new_zeros(B, dtype=torch.float32)
     grad_BTD = torch.zeros(B, T, D, dtype=torch.float32, device=top_BTD.device)
-    if T < 2:
-        return loss_B, grad_BTD
+    kd_BTS = None if u_BTS is None else torch.empty(u_BTS.shape, dtype=torch.int64, device=top_BTD.device)
     rows = max(1, HEAD_CHUNK_TOKENS // B)
     head = teacher.model.lm_head
     for s in range(0, T - 1, rows):
         e = min(T - 1, s + rows)
         x_ND = top_BTD[:, s:e].detach().reshape(-1, D)
         weight_N = x_ND.new_full((len(x_ND),), 1.0 / (T - 1), dtype=torch.float32)
-        ce_N, g_ND = head_ce_grad(head, x_ND, ids_BT[:, s + 1:e + 1].reshape(-1), weight_N, autocast_dtype)
-        loss_B += ce_N.view(B, e - s).sum(1)
-        grad_BTD[:, s:e] = g_ND.view(B, e - s, D)
-    return loss_B, grad_BTD
+        u_NS = None if u_BTS is None else u_BTS[:, s:e].reshape(len(x_ND), -1)
+        out = head_ce_grad(head, x_ND, ids_BT[:, s + 1:e + 1].reshape(-1), weight_N, autocast_dtype, u_NS)
+        loss_B += out.ce_N.view(B, e - s).sum(1)
+        grad_BTD[:, s:e] = out.g_ND.view(B, e - s, D)
+        if kd_BTS is not None:
+            kd_BTS[:, s:e] = out.kd_NS.view(B, e - s, -1)
+    if kd_BTS is not None:
+        kd_BTS[:, T - 1] = sample_rows(head, top_BTD[:, T - 1].detach(), u_BTS[:, T - 1], autocast_dtype)
+    return HeadResult(loss_B, grad_BTD, kd_BTS)
+
+
+def sample_rows(head: torch.nn.Linear, x_nD: torch.Tensor, u_nS: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
+    """KD ids [n, S] from the head's fp32 softmax on ``x_nD`` (no gradient, ``HEAD_CHUNK_TOKENS`` rows at a time)."""
+    out = torch.empty(u_nS.shape, dtype=torch.int64, device=x_nD.device)
+    with torch.no_grad():
+        for s in range(0, len(x_nD), HEAD_CHUNK_TOKENS):
+            e = min(len(x_nD), s + HEAD_CHUNK_TOKENS)
+            with _autocast(x_nD.device, autocast_dtype):
+                logits_nV = head(x_nD[s:e])
+            out[s:e] = sample_from_logits(logits_nV, u_nS[s:e])
+    return out
 
 
 def loss_and_grad(teacher: Teacher, h_BTD: torch.Tensor, mask, pos, ids_BT: torch.Tensor,
-                  spec: AttributionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window loss and ``g = d loss / d h`` through blocks ``layer+1..`` and the head only."""
+                  spec: AttributionSpec, u_BTS: torch.Tensor | None = None):
+    """Per-window loss, ``g = d loss / d h`` through blocks ``layer+1..`` and the head only, and KD ids (with ``u_BTS``)."""
     h_leaf = h_BTD.detach().requires_grad_(True)
     n_layer = len(teacher.model.transformer.h)
     with torch.enable_grad(), _autocast(ids_BT.device, spec.autocast_dtype):
         top_BTD = run_blocks(teacher, h_leaf, mask, pos, spec.layer + 1, n_layer)
         top_BTD = teacher.model.transformer.ln_f(top_BTD)
-    loss_B, grad_top_BTD = chunked_ce_grad(teacher, top_BTD, ids_BT, spec.autocast_dtype)
-    (g_BTD,) = torch.autograd.grad(top_BTD, h_leaf, grad_outputs=grad_top_BTD.to(top_BTD.dtype))
-    return loss_B, g_BTD.float()
+    head = chunked_ce_grad(teacher, top_BTD, ids_BT, spec.autocast_dtype, u_BTS)
+    (g_BTD,) = torch.autograd.grad(top_BTD, h_leaf, grad_outputs=head.grad_BTD.to(top_BTD.dtype))
+    return head.loss_B, g_BTD.float(), head.kd_BTS
+
+
+def kd_without_gradient(teacher: Teacher, h_BTD: torch.Tensor, mask, pos, u_BTS: torch.Tensor,
+                        spec: AttributionSpec) -> torch.Tensor:
+    """KD ids [B, T, S] when no attribution pass runs (``selection=activation``): upper blocks and head, no grad."""
+    n_layer = len(teacher.model.transformer.h)
+    with torch.no_grad(), _autocast(h_BTD.device, spec.autocast_dtype):
+        top_BTD = teacher.model.transformer.ln_f(run_blocks(teacher, h_BTD, mask, pos, spec.layer + 1, n_layer))
+    B, T, S = u_BTS.shape
+    return sample_rows(teacher.model.lm_head, top_BTD.flatten(0, 1), u_BTS.flatten(0, 1), spec.autocast_dtype).view(B, T, S)
 
 
 def gather_chunk_tokens(device: torch.device) -> int:
@@ -184,20 +241,29 @@ def keep_positive(scores_NC: torch.Tensor, ids_NC: torch.Tensor, k_attr: int, ig
     return torch.where(valid_NA, best_NA, 0.0), torch.where(valid_NA, ids_NA, ignore_id)
 
 
-def label_batch(teacher: Teacher, sae: TopKSAE, ids_BT: torch.Tensor, spec: AttributionSpec) -> WindowLabels:
-    """Labels for a batch of equal-length windows ``ids_BT`` (each window seen alone by the teacher)."""
+def label_batch(teacher: Teacher, sae: TopKSAE, ids_BT: torch.Tensor, spec: AttributionSpec,
+                u_BTS: torch.Tensor | None = None) -> WindowLabels:
+    """Labels for a batch of equal-length windows ``ids_BT`` (each window seen alone by the teacher).
+
+    ``u_BTS``: the uniforms of the KD samples (:func:`.kd_samples.batch_uniforms`); required when
+    ``spec.kd_samples`` > 0.
+    """
     B, T = ids_BT.shape
+    assert (u_BTS is None) == (spec.kd_samples == 0), "KD uniforms are given exactly when KD samples are asked for"
+    u_BTS = None if u_BTS is None else u_BTS.to(ids_BT.device)
     h_BTD, mask, pos = hidden_below(teacher, ids_BT, spec)
     h_finite_B = torch.isfinite(h_BTD).flatten(1).all(1)
     if spec.selection == "activation":
         loss_B, g_ND = h_BTD.new_zeros(B), None
+        kd_BTS = None if u_BTS is None else kd_without_gradient(teacher, h_BTD, mask, pos, u_BTS, spec)
     else:
-        loss_B, g_BTD = loss_and_grad(teacher, h_BTD, mask, pos, ids_BT, spec)
+        loss_B, g_BTD, kd_BTS = loss_and_grad(teacher, h_BTD, mask, pos, ids_BT, spec, u_BTS)
         g_ND = g_BTD.flatten(0, 1)
     with torch.no_grad():
         scores_NA, ids_NA = select_labels(sae, h_BTD.flatten(0, 1), g_ND, spec)
     finite_B = h_finite_B & torch.isfinite(loss_B)
-    return WindowLabels(ids_NA.view(B, T, -1), scores_NA.view(B, T, -1).float(), loss_B, finite_B)
+    return WindowLabels(ids_NA.view(B, T, -1), scores_NA.view(B, T, -1).float(), loss_B, finite_B,
+                        kd_BTS, h_BTD if spec.store_hidden else None)
 
 
 def select_labels(sae: TopKSAE, h_ND: torch.Tensor, g_ND: torch.Tensor | None, spec: AttributionSpec):

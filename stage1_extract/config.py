@@ -24,6 +24,8 @@ class ExtractConfig:
     out: str | None = flag(None, help="Output target folder. Default: <workspace>/targets/<corpus>.")
     k_attr: int = flag(4, help="Concept labels kept per token (best first).")
     window: int = flag(1024, help="Teacher context: the split is cut into windows of this many tokens.")
+    offsets: int = flag(1, help="Label sets, one per window offset r: the split is cut into windows [r + i*window, r + (i+1)*window), as stage 2 trains on them. r_0 = 0; the others are spread over [0, window) by a seeded rule (--offset-seed) recorded in the manifest. Each set costs one more pass of the teacher (N offsets = N x this stage); stage 2 draws a new offset each epoch, so give one per planned epoch for fresh windows every epoch.")
+    offset_seed: int = flag(0, help="Seed of the rule that places offsets 1..N-1 (one in each N-th of the window).")
     windows_per_shard: int = flag(256, help="Windows per output shard (the unit of resume and of work between ranks).")
     batch_size: int = flag(8, help="Windows per teacher batch.")
     selection: str = flag("attribution", help="Label rule: `attribution` (gradient x activation, the paper) or `activation` (ablation).")
@@ -34,8 +36,12 @@ class ExtractConfig:
     splits: str = flag("train,val", help="Comma-separated splits to label.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")
+    kd_samples: int = flag(0, help="Also store N token ids per position sampled from the teacher's next-token softmax (column `kd_ids`, for `pretrain --method kd`); an unbiased sparse stand-in for the full distribution, drawn in the same teacher pass. 0 = off.")
+    store_hidden: bool = flag(False, help="Also store the teacher's hidden state at --layer (column `hidden`, float16, for `pretrain --concept-target hidden`); costs 2 x teacher width bytes per token (1.5 KB for GPT-2 small).")
 
     def __post_init__(self) -> None:
+        if self.kd_samples < 0:
+            raise ConfigError(f"--kd-samples must be >= 0 (0 = no KD targets), got {self.kd_samples}")
         if self.selection not in ("attribution", "activation"):
             raise ConfigError(f"--selection must be `attribution` or `activation`, got {self.selection!r}")
         if self.attribution_input not in ("post", "pre"):
@@ -46,6 +52,8 @@ class ExtractConfig:
             raise ConfigError(f"--window must be >= 2, got {self.window}")
         if self.layer < 0:
             raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.offsets < 1 or self.offsets > self.window:
+            raise ConfigError(f"--offsets must be in [1, --window] (one label set per distinct window offset), got {self.offsets}")
         if self.score_dtype not in ("float32", "float16"):
             raise ConfigError(f"--score-dtype must be float32 or float16, got {self.score_dtype!r}")
         if self.tokens is None and self.corpus is None:

@@ -1,9 +1,9 @@
 """``cocomix extract``: teacher + TopK SAE + attribution over a token store, into target shards.
 
-The run reads like its table of contents (DESIGN.md §4):
+The run reads like its table of contents (docs/ARCHITECTURE.md, stage 1):
 
     resolve inputs (tokenize first with --corpus) -> load teacher, SAE, store -> check they agree
-    -> plan shards -> open the writer (refuses another teacher/SAE/layer unless --overwrite)
+    -> plan shards (one label set per window offset) -> open the writer (refuses another teacher/SAE/layer unless --overwrite)
     -> label this rank's pending shards (claim, compute, write) -> barrier
     -> rank 0: finish shards abandoned by dead processes, write the manifest, print the summary
 
@@ -26,12 +26,15 @@ from cocomix.pipeline.workspace import cache_dir, targets_dir, tokens_dir, works
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.dist import Dist, init_dist
+from cocomix.stage1_extract.kd_samples import RULE as KD_RULE
 from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
+from cocomix.storage.target_offsets import offsets_record, spread_offsets
 from cocomix.storage.target_reader import load_manifest
 from cocomix.storage.target_writer import folder_identity, sidecar_path
+from cocomix.storage.target_schema import extra_column
 from cocomix.storage.targets import MANIFEST, PLAN, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
 
@@ -80,7 +83,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 
 def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.device, t0: float) -> ExtractResult:
     spec, ids_dt, score_dt = attribution_spec(cfg, inputs, device)
-    plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard)
+    offsets = spread_offsets(cfg.offsets, cfg.window, cfg.offset_seed)
+    plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard, offsets)
     writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
     with writer:
         pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
@@ -127,7 +131,7 @@ class ShardLabeller:
             window=self.cfg.window, batch_size=self.cfg.batch_size, spec=self.spec,
             id_dtype=self.ids_dt, score_dtype=self.score_dt, on_batch=bar.tokens_done,
         )
-        self.writer.write_shard(shard, labels.tokens_N, labels.ids_NA, labels.scores_NA)
+        self.writer.write_shard(shard, labels.tokens_N, labels.ids_NA, labels.scores_NA, labels.extra)
         self.coverage.add_ids(labels.ids_NA, self.spec.ignore_id)
         self.shards += 1
         self.tokens += len(tokens_N)
@@ -280,7 +284,8 @@ def attribution_spec(cfg: ExtractConfig, inputs: Inputs, device: torch.device):
     ids_dt = id_dtype(inputs.sae_info.n_latents)
     spec = AttributionSpec(layer=cfg.layer, k_attr=cfg.k_attr, selection=cfg.selection,
                            attribution_input=cfg.attribution_input, ignore_id=ignore_id(ids_dt),
-                           autocast_dtype=compute_dtype(cfg, device))
+                           autocast_dtype=compute_dtype(cfg, device), kd_samples=cfg.kd_samples,
+                           store_hidden=cfg.store_hidden)
     return spec, ids_dt, np.dtype(cfg.score_dtype)
 
 
@@ -288,7 +293,7 @@ def target_meta(cfg: ExtractConfig, inputs: Inputs, spec: AttributionSpec) -> di
     """The provenance a target folder is identified by (a resumed run must match it exactly)."""
     sae = inputs.sae_info.as_meta()
     sae.update(layer=cfg.layer, location=sae.get("location") or "resid_post")
-    return {
+    meta = {
         "teacher": dict(inputs.teacher.info),
         "tokenizer_sha256": inputs.store.tokenizer_sha256,
         "vocab_size": inputs.store.vocab_size,
@@ -301,13 +306,33 @@ def target_meta(cfg: ExtractConfig, inputs: Inputs, spec: AttributionSpec) -> di
         "compute_dtype": str(spec.autocast_dtype or torch.float32).replace("torch.", ""),
         "tokens": inputs.store.provenance(),
     }
+    offsets = offsets_record(cfg.offsets, cfg.window, cfg.offset_seed)
+    if offsets:  # one offset-0 set records nothing, as folders made before offsets existed
+        meta["offsets"] = offsets
+    return meta
+
+
+def extra_columns(cfg: ExtractConfig, inputs: Inputs) -> dict:
+    """The optional columns this run writes, as the plan and manifest record them."""
+    columns = {}
+    if cfg.kd_samples:
+        columns["kd_ids"] = extra_column(inputs.store.dtype, cfg.kd_samples, samples=cfg.kd_samples, rule=KD_RULE,
+                                         window=cfg.window)
+    if cfg.store_hidden:
+        d = inputs.teacher.d_model
+        columns["hidden"] = extra_column(
+            np.float16, d, layer=cfg.layer, bytes_per_token=2 * d,
+            warning=f"the hidden column alone takes {2 * d} bytes per token ({2 * d / 1e3:.1f} TB per billion tokens)")
+        log.warning("--store-hidden: the `hidden` column takes 2 x %d = %d bytes per token (%.1f TB per billion tokens)",
+                    d, 2 * d, 2 * d / 1e3)
+    return columns
 
 
 def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist: Dist) -> TargetWriter:
     """Rank 0 creates (or checks, or with --overwrite clears) the folder first; the others then join it."""
     spec, _, _ = attribution_spec(cfg, inputs, inputs.teacher.device)
     kwargs = dict(meta=target_meta(cfg, inputs, spec), plan=plan, k_attr=cfg.k_attr, id_dtype=ids_dt,
-                  score_dtype=score_dt, token_dtype=inputs.store.dtype)
+                  score_dtype=score_dt, token_dtype=inputs.store.dtype, extra_columns=extra_columns(cfg, inputs))
     writer = None
     if dist.is_main:
         writer = _open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)

@@ -33,7 +33,7 @@ class Normalized(NamedTuple):
 
 
 def layernorm_unbiased(h: torch.Tensor, eps: float = LN_EPS) -> Normalized:
-    """OpenAI SAE input normalisation (also the student's, DESIGN.md §5): unbiased std, eps added to std."""
+    """OpenAI SAE input normalisation (also the student's): unbiased std, eps added to std."""
     mu = h.mean(dim=-1, keepdim=True)
     centered = h - mu
     std = centered.std(dim=-1, keepdim=True)  # unbiased, as openai/sparse_autoencoder

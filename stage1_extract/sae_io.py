@@ -4,7 +4,7 @@
 a path to an OpenAI ``.pt`` file, a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``)
 or a cocomix SAE folder (``cfg.json`` + ``sae.safetensors``, written by :func:`save_sae`).
 The format is detected from the path. Every problem a user or a file can cause is one
-:class:`CocomixError` line naming the file (layouts in ``anchors/sae.md``).
+:class:`CocomixError` line naming the file (layouts in docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``cocomix sae train``: a TopK SAE on a teacher's residual stream (Gao et al. 2024).
 
-The recipe of openai/sparse_autoencoder ``train.py`` (DESIGN.md §4, anchors/sae.md):
+The recipe of openai/sparse_autoencoder ``train.py`` (docs/ARCHITECTURE.md, SAE training):
 
 1. inputs: unbiased-LayerNorm'd output of block ``layer``, streamed from the token store;
 2. init: ``b_pre`` = geometric median of a sample, decoder = encoderᵀ with unit-norm

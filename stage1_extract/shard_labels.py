@@ -6,7 +6,11 @@ the end of the split, where the last window is shorter. Windows are batched in o
 batches (and hence every byte written) depend only on the shard and the config, never
 on which process or rank computes it.
 
-Shape legend: ``B`` windows, ``T`` tokens, ``A`` labels per token (k_attr), ``N`` tokens of the shard.
+KD samples are drawn with uniforms keyed by the split and each window's first token
+(:mod:`.kd_samples`), so they too depend only on the position.
+
+Shape legend: ``B`` windows, ``T`` tokens, ``A`` labels per token (k_attr), ``N`` tokens of the shard,
+``S`` KD samples per token, ``D`` teacher width.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from cocomix.pipeline.errors import CocomixError
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
+from cocomix.stage1_extract.kd_samples import batch_uniforms
 from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher
 
@@ -25,11 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class ShardLabels(NamedTuple):
-    """The three columns of a target shard, as numpy arrays."""
+    """The columns of a target shard, as numpy arrays."""
 
     tokens_N: np.ndarray  #: token ids (the token store's dtype)
     ids_NA: np.ndarray  #: label ids (uint16/uint32), ``ignore_id`` where no label
     scores_NA: np.ndarray  #: label scores (float32/float16), 0 where no label
+    extra: dict = {}  #: optional columns: ``kd_ids`` [N, S] (token dtype), ``hidden`` [N, D] float16
 
 
 class WindowBatch(NamedTuple):
@@ -64,17 +70,28 @@ def label_shard(teacher: Teacher, sae: TopKSAE, tokens_N: np.ndarray, *, split: 
     n, A = len(tokens_N), spec.k_attr
     ids_NA = np.empty((n, A), dtype=id_dtype)
     scores_NA = np.empty((n, A), dtype=score_dtype)
+    extra = {}
+    if spec.kd_samples:
+        extra["kd_ids"] = np.empty((n, spec.kd_samples), dtype=tokens_N.dtype)
+    if spec.store_hidden:
+        extra["hidden"] = np.empty((n, teacher.d_model), dtype=np.float16)
     device = teacher.device
     for batch in window_batches(tokens_N, window, batch_size):
         ids_BT = torch.from_numpy(batch.ids_BT.astype(np.int64)).to(device)
-        out = label_batch(teacher, sae, ids_BT, spec)
-        _check_finite(out.finite_B, split=split, first=start + batch.offset, T=ids_BT.shape[1], window=window)
+        B, T = ids_BT.shape
+        u_BTS = batch_uniforms(split, start + batch.offset, B, T, spec.kd_samples) if spec.kd_samples else None
+        out = label_batch(teacher, sae, ids_BT, spec, u_BTS)
+        _check_finite(out.finite_B, split=split, first=start + batch.offset, T=T, window=window)
         rows = slice(batch.offset, batch.offset + ids_BT.numel())
         ids_NA[rows] = out.ids_BTA.reshape(-1, A).cpu().numpy().astype(id_dtype)
         scores_NA[rows] = out.scores_BTA.reshape(-1, A).cpu().numpy().astype(score_dtype)
+        if spec.kd_samples:
+            extra["kd_ids"][rows] = out.kd_ids_BTS.reshape(B * T, -1).cpu().numpy()
+        if spec.store_hidden:
+            extra["hidden"][rows] = out.hidden_BTD.reshape(B * T, -1).cpu().numpy()
         if on_batch is not None:
             on_batch(ids_BT.numel())
-    return ShardLabels(np.ascontiguousarray(tokens_N), ids_NA, scores_NA)
+    return ShardLabels(np.ascontiguousarray(tokens_N), ids_NA, scores_NA, extra)
 
 
 def _check_finite(finite_B: torch.Tensor, *, split: str, first: int, T: int, window: int) -> None:

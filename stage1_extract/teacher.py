@@ -1,9 +1,9 @@
 """The frozen teacher: a GPT-2-family causal LM, split at the hooked block.
 
 Stage 1 needs two things from the teacher: the residual stream after block ``layer``
-(``h = hidden_states[layer + 1]``, DESIGN.md §4.1) and the loss of the blocks above it.
-:func:`embed`, :func:`run_blocks` and :func:`head_hidden` call the stock HF modules
-(``transformer.wte/wpe/h[i]/ln_f``) exactly as ``GPT2Model.forward`` does (same causal
+(``h = hidden_states[layer + 1]``) and the loss of the blocks above it.
+:func:`embed` and :func:`run_blocks` call the stock HF modules (``transformer.wte/wpe/h[i]``;
+attribution.py applies ``ln_f`` and the head) exactly as ``GPT2Model.forward`` does (same causal
 mask helper, same attention implementation), so the truncated forward matches
 ``model(input_ids, output_hidden_states=True)``; a test pins this.
 

@@ -28,7 +28,7 @@ import torch
 from cocomix.pipeline.errors import CocomixError
 from cocomix.storage.files import MARKER, atomic_write_json, complete_step_dirs, publish_step_dir, step_dir_name  # noqa: F401 (MARKER: part of this module's layout)
 
-from .data import DataState
+from cocomix.stage2_pretrain.data import DataState
 
 log = logging.getLogger(__name__)
 

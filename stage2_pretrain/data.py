@@ -1,12 +1,23 @@
 """Training and validation windows for stage 2, read from the token store and the target shards.
 
-Training order follows the official loader (``projects/cocomix/data/data.py``): an epoch
-cuts the train split into windows of ``context`` tokens starting at a random offset
-``r`` in ``[0, T]`` (window i covers ``[i*T + r, (i+1)*T + r)``) and visits them in a
-shuffled order. Unlike the official loader, which draws a fresh ``random.randint`` per
-window inside unseeded workers, here ``r`` and the permutation are pure functions of
-``(seed, epoch)``, so the whole order is reproducible and a checkpoint only needs the
-small :class:`DataState` (epoch, position in that epoch's permutation) to continue exactly.
+An epoch cuts the train split into windows of ``context`` tokens starting at an offset ``r``
+(window i covers ``[i*T + r, (i+1)*T + r)``) and visits them in a shuffled order, as the
+official loader (``projects/cocomix/data/data.py``) does. Where ``r`` comes from:
+
+- ``aligned`` (the default with target shards): ``r`` is one of the offsets the target folder
+  has a label set for (``extract --offsets N``), a new one each epoch (a seeded permutation of
+  the set per N epochs), and the labels come from set ``r``, which stage 1 computed on exactly
+  these windows. A label depends on its whole window (the gradient of the window's mean loss,
+  the teacher's context starting at the window start), so this is the only way the student
+  sees the labels the official code computes online. With one set, windows are unshifted.
+- ``free`` (the ablation ``--label-windows free``, and NTP runs without targets): ``r`` is drawn
+  in ``[0, T]`` each epoch, as the official loader's shift, and labels are read from set 0 at the
+  shifted positions, i.e. computed on other window boundaries than the student's.
+
+Unlike the official loader, which draws a fresh ``random.randint`` per window inside unseeded
+workers, ``r`` and the permutation are pure functions of ``(seed, epoch)``, so the whole order
+is reproducible and a checkpoint only needs the small :class:`DataState` (epoch, position in
+that epoch's permutation, the epoch's offset) to continue exactly.
 
 Sharding: every optimizer step consumes one *global batch* of ``micro * accum * world``
 windows, the next slice of the global order. Rank ``r`` takes every ``world``-th window
@@ -14,6 +25,10 @@ of it; its j-th micro-batch is the j-th run of ``micro`` of those. The union of 
 ranks' j-th micro-batches is therefore the j-th micro-batch of a 1-process run with
 ``micro * world`` windows per micro-batch, so a run's data does not depend on how many
 processes share it.
+
+Columns: a :class:`TargetSource` reads the target columns a method asks for (``concept_ids``,
+and the optional ``kd_ids`` / ``hidden``) beside the tokens; :func:`collate` stacks whatever
+columns a source returns, by name, so a new column needs no change here.
 
 Legend: B windows in a micro-batch, T tokens per window, K labels per token.
 """
@@ -37,7 +52,7 @@ class DataState:
 
     epoch: int = 0
     position: int = 0
-    offset: int = 0  # the epoch's start offset, recorded for humans; recomputed from the seed
+    offset: int = 0  # the epoch's window offset (its label set when aligned); recomputed from the seed, checked on resume
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,10 +63,12 @@ class DataState:
 
 
 class MicroBatch(NamedTuple):
-    """One forward pass of one rank: ``input_ids`` [B, T] int64, ``concept_ids`` [B, T, K] int64 or None."""
+    """One forward pass of one rank: ``input_ids`` [B, T] int64, ``concept_ids`` [B, T, K] int64 or None,
+    and the other target columns read (``kd_ids`` [B, T, S] int64, ``hidden`` [B, T, d] float16) by name."""
 
     input_ids: torch.Tensor
     concept_ids: torch.Tensor | None
+    extra: dict = {}  # never mutated: the shared default is safe
 
 
 class StepBatch(NamedTuple):
@@ -62,18 +79,29 @@ class StepBatch(NamedTuple):
 
 
 class WindowOrder:
-    """The seeded global order of training windows: pure index arithmetic, no I/O."""
+    """The seeded global order of training windows: pure index arithmetic, no I/O.
 
-    def __init__(self, n_tokens: int, context: int, seed: int):
+    ``offsets``: the label sets' offsets (aligned); None draws the offset freely in [0, T].
+    """
+
+    def __init__(self, n_tokens: int, context: int, seed: int, offsets: list[int] | None = None):
         if n_tokens < context:
             raise CocomixError(
                 f"the train split holds {n_tokens} tokens, fewer than one window of {context}; "
                 "use a bigger corpus (--tokens) or a smaller --size"
             )
         self.n_tokens, self.context, self.seed = n_tokens, context, seed
+        self.offsets = None if offsets is None else [int(r) for r in offsets]
+        if self.offsets is not None and (not self.offsets or max(self.offsets) + context > n_tokens):
+            raise CocomixError(f"window offsets {self.offsets} leave no full window of {context} tokens in a split of {n_tokens}")
 
     def offset(self, epoch: int) -> int:
-        """The epoch's random start in [0, T], capped so that at least one window fits."""
+        """The epoch's offset: from the label sets (a seeded permutation per len(offsets) epochs,
+        so consecutive epochs get new ones), or free in [0, T] capped so that one window fits."""
+        if self.offsets is not None:
+            cycle, k = divmod(epoch, len(self.offsets))
+            perm = np.random.default_rng([self.seed, cycle, 2]).permutation(len(self.offsets))
+            return self.offsets[int(perm[k])]
         r = int(np.random.default_rng([self.seed, epoch, 0]).integers(0, self.context + 1))
         return min(r, self.n_tokens - self.context)
 
@@ -86,6 +114,9 @@ class WindowOrder:
 
     def take(self, state: DataState, n: int) -> tuple[np.ndarray, DataState]:
         """The next ``n`` window starts after ``state`` (crossing into later epochs), and the new state."""
+        if state.position and state.offset != self.offset(state.epoch):
+            raise CocomixError(f"the data state says epoch {state.epoch} has window offset {state.offset}, but this run's "
+                               f"windows give {self.offset(state.epoch)}: resume with the --targets and --label-windows it started with")
         out, epoch, pos = [], state.epoch, state.position
         while n > 0:
             starts = self.starts(epoch)
@@ -112,43 +143,64 @@ class TokenSource:
         self.split = store.split(split)
         self.n_tokens = len(self.split)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.split.read(start, stop), None
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
+        return self.split.read(start, stop), {}
 
 
 class TargetSource:
-    """Windows of tokens and concept labels from the target shards (tokens from the ``token`` column)."""
+    """Windows of tokens and target columns from the target shards (tokens from the ``token`` column).
 
-    def __init__(self, reader, split: str, store_split=None):
-        self.reader, self.split_name = reader, split
+    ``columns``: which target columns to read (``concept_ids``, ``kd_ids``, ``hidden``).
+    ``aligned``: a window starting at ``s`` reads the label set of offset ``s mod T`` (T = the
+    extraction window), computed on exactly that window; otherwise set 0 at the same positions.
+    """
+
+    def __init__(self, reader, split: str, store_split=None, columns: tuple[str, ...] = ("concept_ids",), *,
+                 aligned: bool = True):
+        self.reader, self.split_name, self.columns, self.aligned = reader, split, tuple(columns), aligned
         self.n_tokens = reader.split_length(split)
         self.store_split = store_split  # read tokens from the store instead (see bench/pretrain.py)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        w = self.reader.window(self.split_name, start, stop)
+    def label_set(self, start: int) -> int:
+        if not self.aligned:
+            return 0
+        r = start % self.reader.window_length
+        if r not in self.reader.offsets:
+            raise CocomixError(f"a window starts at token {start}, offset {r}, which {self.reader.path} has no labels for "
+                               f"(offsets {self.reader.offsets}); this is a cocomix bug")
+        return r
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
+        w = self.reader.window(self.split_name, start, stop, offset=self.label_set(start))
         tokens = self.store_split.read(start, stop) if self.store_split is not None else w.tokens
-        return tokens, w.concept_ids
+        return tokens, {name: w.concept_ids if name == "concept_ids" else w.extra[name] for name in self.columns}
+
+
+def as_tensor(stacked: np.ndarray) -> torch.Tensor:
+    """Ids become int64 (ignore ids kept as they are); floats keep their dtype."""
+    return torch.from_numpy(stacked.astype(np.int64) if stacked.dtype.kind in "iu" else stacked)
 
 
 def collate(source, starts: np.ndarray, context: int) -> MicroBatch:
-    """Read and stack the windows starting at ``starts`` into int64 tensors (ignore ids kept as they are)."""
-    toks, ids = [], []
+    """Read and stack the windows starting at ``starts`` into tensors, every column by name."""
+    toks, columns = [], []
     for s in starts.tolist():
-        t, c = source.read(s, s + context)
+        t, cols = source.read(s, s + context)
         toks.append(t)
-        ids.append(c)
+        columns.append(cols)
+    stacked = {name: as_tensor(np.stack([c[name] for c in columns])) for name in columns[0]}
     input_ids_BT = torch.from_numpy(np.stack(toks).astype(np.int64))
-    concept_ids_BTK = None if ids[0] is None else torch.from_numpy(np.stack(ids).astype(np.int64))
-    return MicroBatch(input_ids_BT, concept_ids_BTK)
+    return MicroBatch(input_ids_BT, stacked.pop("concept_ids", None), stacked)
 
 
 class TrainStream:
     """This rank's step batches, continuing from a :class:`DataState` (so a resumed run sees the same data)."""
 
-    def __init__(self, source, *, context: int, micro: int, accum: int, world: int, rank: int, seed: int):
+    def __init__(self, source, *, context: int, micro: int, accum: int, world: int, rank: int, seed: int,
+                 offsets: list[int] | None = None):
         self.source, self.context = source, context
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
-        self.order = WindowOrder(source.n_tokens, context, seed)
+        self.order = WindowOrder(source.n_tokens, context, seed, offsets)
 
     @property
     def global_windows(self) -> int:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.storage.files import atomic_write_json
 
-from .config import EvalConfig
-from .data import val_starts
-from .metrics import perplexity
+from cocomix.stage2_pretrain.config import EvalConfig
+from cocomix.stage2_pretrain.data import val_starts
+from cocomix.stage2_pretrain.metrics import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class EvalResult:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """A CoCoMix checkpoint or a stock GPT-2 folder, by ``model_type`` in its config.json."""
+    """A CoCoMix, pause or stock GPT-2 (NTP, KD) folder, by ``model_type`` in its config.json."""
     config_file = Path(ckpt) / "config.json"
     if not config_file.exists():
         raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
@@ -108,6 +108,10 @@ def load_checkpoint_model(ckpt: Path):
         from transformers import GPT2LMHeadModel
 
         return GPT2LMHeadModel.from_pretrained(ckpt)
+    if model_type == "cocomix-pause":
+        from cocomix.stage2_pretrain.model_pause import PauseForCausalLM
+
+        return PauseForCausalLM.from_pretrained(ckpt)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(ckpt)

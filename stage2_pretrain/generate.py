@@ -28,8 +28,8 @@ import torch
 
 from cocomix.pipeline.errors import CocomixError, ConfigError
 
-from .generate_config import GenerateConfig
-from .kv_cache import InterleavedDecoder
+from cocomix.stage2_pretrain.generate_config import GenerateConfig
+from cocomix.stage2_pretrain.kv_cache import InterleavedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,18 @@ def is_cocomix(model) -> bool:
 
 def make_decoder(model, *, cache: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decoder for ``model``. CoCoMix interleaves ``model.concept(h).c_BTD``, looked up at every
-    call, so a steered bottleneck swapped in by ``cocomix steer`` is used by both paths."""
+    call, so a steered bottleneck swapped in by ``cocomix steer`` is used by both paths; a pause
+    student interleaves its learned vector. CoCoMix ablations that do not interleave (``mix`` add /
+    none) decode without a cache."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type == "cocomix" and getattr(model.config, "mix", "interleave") != "interleave":
+        cache = False  # intervention / prediction-only ablations: T upper positions, no cached path yet
     if not cache:
         return FullDecoder(model)
-    if is_cocomix(model):
+    if model_type == "cocomix":
         return InterleavedDecoder(model, lambda h_BND: model.concept(h_BND).c_BTD)
+    if model_type == "cocomix-pause":  # one learned vector interleaved instead of the concept
+        return InterleavedDecoder(model, lambda h_BND: model.pause.expand_as(h_BND))
     return HFDecoder(model)
 
 
@@ -137,7 +144,7 @@ def generate(decoder, prompt_BT: torch.Tensor, *, max_new_tokens: int, sampling:
 # ----------------------------------------------------------------------------- checkpoint, tokenizer, prompt
 def load_for_generation(ckpt: str, device: torch.device):
     """The checkpoint's model, in eval mode on ``device``."""
-    from .evaluate import load_checkpoint_model
+    from cocomix.stage2_pretrain.evaluate import load_checkpoint_model
 
     return load_checkpoint_model(Path(ckpt)).to(device).eval()
 

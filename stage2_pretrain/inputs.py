@@ -44,7 +44,7 @@ def _recorded_store(targets_path: Path, ws: Path) -> Path | None:
 def resolve_paths(method: str, tokens: str | None, targets: str | None, workspace: str | None) -> tuple[Path, Path | None]:
     """(token store, target folder) from the flags, falling back to the workspace."""
     ws = workspace_root(workspace)
-    if method == "ntp" and targets is None:
+    if method in ("ntp", "pause") and targets is None:  # they read tokens only; targets only set the matched width
         return (Path(tokens) if tokens else find_single(ws, "tokens", "--tokens")), None
     targets_path = Path(targets) if targets else find_single(ws, "targets", "--targets")
     if not (targets_path / "manifest.json").exists():
@@ -105,13 +105,38 @@ def check_model_matches_targets(model_config, reader, targets_path: Path, source
 
 
 def spot_check_alignment(reader, store, *, n: int = 4, length: int = 256, seed: int = 0) -> None:
-    """Compare a few random stretches of the shards' ``token`` column with the store (cheap; full check: ``cocomix verify``)."""
+    """Compare a few random stretches of each label set's ``token`` column with the store (cheap; full check: ``cocomix verify``)."""
     split, total = store.split("train"), reader.split_length("train")
     rng = np.random.default_rng(seed)
-    for start in rng.integers(0, max(1, total - length), size=n).tolist():
-        stop = min(start + length, total)
-        if not np.array_equal(reader.window("train", start, stop).tokens, split.read(start, stop)):
-            raise IntegrityError(
-                f"target shards disagree with the token store at train tokens [{start}, {stop}); "
-                "pass the --tokens the targets were extracted from (check with `cocomix verify TARGETS --tokens DIR`)"
-            )
+    for r in reader.offsets:
+        if r >= total:
+            continue
+        for start in rng.integers(r, max(r + 1, total - length), size=n).tolist():
+            stop = min(start + length, total)
+            if not np.array_equal(reader.window("train", start, stop, offset=r).tokens, split.read(start, stop)):
+                raise IntegrityError(
+                    f"target shards disagree with the token store at train tokens [{start}, {stop}) (label set of offset {r}); "
+                    "pass the --tokens the targets were extracted from (check with `cocomix verify TARGETS --tokens DIR`)"
+                )
+
+
+def check_label_windows(reader, targets_path: Path, context: int, size: str, label_windows: str) -> None:
+    """The targets were labelled on windows of the student's context and, aligned, for offsets
+    that each leave a full training window; else say which extract command fixes it."""
+    fix = (f"re-run `cocomix extract --window {context} --offsets N --out DIR` (same --tokens, --teacher, --sae, --layer) "
+           "and pass --targets DIR")
+    window = reader.window_length
+    if window is not None and int(window) != context:
+        raise MismatchError(f"--targets {targets_path} were labelled on {window}-token windows, but --size {size} trains "
+                            f"on {context}-token windows, so no label was computed on a training window; {fix}")
+    if label_windows != "aligned":
+        return
+    if window is None:
+        raise MismatchError(f"--targets {targets_path} do not record their window length, so --label-windows aligned cannot "
+                            f"serve them; {fix}, or pass --label-windows free")
+    n_train = reader.split_length("train")
+    unserved = [r for r in reader.offsets if r + context > n_train]
+    if unserved:
+        raise MismatchError(f"--targets {targets_path} hold label sets for offsets {unserved} that leave no full "
+                            f"{context}-token window in the {n_train} train tokens; re-run `cocomix extract` with fewer "
+                            "--offsets or a bigger corpus, or pass --label-windows free")

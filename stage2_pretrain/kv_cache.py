@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model import Block, interleave
+from cocomix.stage2_pretrain.model import Block, interleave
 
 
 class KVCache:

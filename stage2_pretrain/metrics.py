@@ -100,6 +100,7 @@ class RunLog:
         if not self.main:
             return
         concept = f" concept {r['concept_loss']:.4f}" if "concept_loss" in r else ""
+        concept += f" kd {r['kd_loss']:.4f}" if "kd_loss" in r else ""
         console.print(
             f"step {r['step']}/{self.max_steps}  loss {r['loss']:.4f}  ntp {r['ntp_loss']:.4f}{concept}  "
             f"lr {r['lr']:.2e}  grad {r['grad_norm']:.2f}  {r['tokens_per_s']:,.0f} tok/s  eta {_hms(eta_s)}",

@@ -1,4 +1,4 @@
-"""The CoCoMix student (DESIGN.md §5): a GPT-2 that predicts SAE concepts and mixes them back in.
+"""The CoCoMix student (docs/ARCHITECTURE.md, stage 2): a GPT-2 that predicts SAE concepts and mixes them back in.
 
 Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, projects/cocomix):
 
@@ -13,8 +13,14 @@ Follows the official ``modeling_gpt2_cocomix.py`` (facebookresearch/RAM, project
    position embedding of its own, it inherits position ``t`` through ``h_t``;
 5. next-token logits come from the ``c`` positions -> ``ln_f`` -> tied ``lm_head``.
 
+Ablations (paper §3) are settings of the same class, each a small piece chosen once in
+``__init__`` or looked up in a table, never a branch of ``forward``: ``mix`` picks how ``c``
+enters the stream (:data:`MIXES`: interleave, ``add`` = ``h + c`` on T positions, ``none`` =
+prediction only, no compression layer at all), ``concept_target="hidden"`` swaps the concept
+head for a 2-layer MLP that predicts the teacher's hidden state (:mod:`.hidden_target`).
+
 Loss = CE_ntp + lam * concept CE. Officially the concept CE is ``(1/K) sum_i mean_t CE(z_t, label_ti)``,
-i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (DESIGN.md §4's fix)
+i.e. the mean over all (t, i) label slots. Here slots holding ``ignore_id`` (see docs/ARCHITECTURE.md)
 are dropped and the mean is over the remaining slots; with no ignored slot both are equal.
 
 Shape legend: B batch, T tokens, S = 2T interleaved positions, D width, H heads, E head width,
@@ -34,6 +40,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from cocomix.stage1_extract.sae import Normalized, layernorm_unbiased
+from cocomix.stage2_pretrain.hidden_target import HiddenBottleneck, HiddenPredictor
 
 
 class CoCoMixConfig(PretrainedConfig):
@@ -47,17 +54,22 @@ class CoCoMixConfig(PretrainedConfig):
                  n_head: int = 12, dropout: float = 0.0, layer_norm_epsilon: float = 1e-5,
                  initializer_range: float = 0.02, insert_layer: int = 5, n_latents: int = 32768,
                  k_concept: int = 32, k_attr: int = 4, lam: float = 0.1, ignore_id: int = 65535,
-                 concept_provenance: dict | None = None, tie_word_embeddings: bool = True, **kwargs):
+                 concept_provenance: dict | None = None, tie_word_embeddings: bool = True,
+                 mix: str = "interleave", concept_target: str = "concepts", hidden_loss: str = "cosine",
+                 d_teacher: int = 0, **kwargs):
         self.vocab_size, self.n_positions, self.n_embd = vocab_size, n_positions, n_embd
         self.n_layer, self.n_head, self.dropout = n_layer, n_head, dropout
         self.layer_norm_epsilon, self.initializer_range = layer_norm_epsilon, initializer_range
         self.insert_layer, self.n_latents, self.k_concept = insert_layer, n_latents, k_concept
         self.k_attr, self.lam, self.ignore_id = k_attr, lam, ignore_id
         self.concept_provenance = concept_provenance or {}
+        self.mix, self.concept_target, self.hidden_loss, self.d_teacher = mix, concept_target, hidden_loss, d_teacher
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         assert n_embd % n_head == 0, "n_embd must be a multiple of n_head"
         assert 0 <= insert_layer < n_layer, "insert_layer must name a block"
         assert 0 < k_concept <= n_latents, "k_concept must be in 1..n_latents"
+        assert mix in MIXES, f"mix must be one of {', '.join(MIXES)}"
+        assert concept_target in ("concepts", "hidden"), "concept_target must be concepts or hidden"
 
 
 @dataclass
@@ -77,7 +89,7 @@ class ConceptStep(NamedTuple):
     z_BTL: torch.Tensor  #: concept logits over all latents
     top_idx_BTC: torch.Tensor  #: latents kept (top-C of z)
     top_val_BTC: torch.Tensor  #: their raw logits
-    c_BTD: torch.Tensor  #: the continuous concept, back in the residual stream's scale
+    c_BTD: torch.Tensor | None  #: the continuous concept, back in the residual stream's scale (None: prediction only)
     loss: torch.Tensor | None = None  #: concept CE (when labels were given)
 
 
@@ -134,11 +146,11 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- concept bottleneck
-class ConceptBottleneck(nn.Module):
-    """Predict concept logits from ``h`` and compress the top-C of them into one vector ``c``.
+class ConceptPredictor(nn.Module):
+    """Concept logits from ``h`` and their loss, nothing mixed back (``mix="none"``: prediction only).
 
-    ``compress.weight`` is W_comp stored transposed, ``[L, D]`` (row j = the official column
-    ``W_comp[:, j]``), so that gathering C rows per token is one ``embedding_bag`` call.
+    Only the loss is needed, so the fused :class:`SelectAndScore` runs with a top-1 selection
+    that nothing reads (cheaper than the autograd loss, which passes over z about ten times).
     """
 
     def __init__(self, cfg: CoCoMixConfig):
@@ -146,11 +158,31 @@ class ConceptBottleneck(nn.Module):
         self.k_concept, self.ignore_id = cfg.k_concept, cfg.ignore_id
         self.pre_bias = nn.Parameter(torch.zeros(cfg.n_embd))  # b_pre
         self.predictor = nn.Linear(cfg.n_embd, cfg.n_latents)  # W_pred, b_pred
+
+    def forward(self, h_BTD: torch.Tensor, concept_ids: torch.Tensor | None = None, **_) -> ConceptStep:
+        norm = layernorm_unbiased(h_BTD)
+        z_BTL = self.predictor(norm.x - self.pre_bias)
+        if concept_ids is None:
+            return ConceptStep(z_BTL, None, None, None, None)
+        _, _, loss = SelectAndScore.apply(z_BTL, concept_ids, 1, self.ignore_id)
+        return ConceptStep(z_BTL, None, None, None, loss)
+
+
+class ConceptBottleneck(ConceptPredictor):
+    """Predict concept logits from ``h`` and compress the top-C of them into one vector ``c``.
+
+    ``compress.weight`` is W_comp stored transposed, ``[L, D]`` (row j = the official column
+    ``W_comp[:, j]``), so that gathering C rows per token is one ``embedding_bag`` call.
+    """
+
+    def __init__(self, cfg: CoCoMixConfig):
+        super().__init__(cfg)
         self.compress = nn.Embedding(cfg.n_latents, cfg.n_embd)  # W_comp^T
         self.compress_bias = nn.Parameter(torch.zeros(cfg.n_embd))  # b_comp
 
-    def forward(self, h_BTD: torch.Tensor, ids_BTK: torch.Tensor | None = None) -> ConceptStep:
-        """With labels ``ids_BTK`` the top-C selection and the concept CE share one fused pass over z."""
+    def forward(self, h_BTD: torch.Tensor, concept_ids: torch.Tensor | None = None, **_) -> ConceptStep:
+        """With labels ``concept_ids`` [B, T, K] the top-C selection and the concept CE share one fused pass over z."""
+        ids_BTK = concept_ids
         norm = layernorm_unbiased(h_BTD)
         z_BTL = self.predictor(norm.x - self.pre_bias)
         if ids_BTK is None:
@@ -197,6 +229,42 @@ def interleave(h_BTD: torch.Tensor, c_BTD: torch.Tensor) -> torch.Tensor:
     return torch.stack([h_BTD, c_BTD.to(h_BTD.dtype)], dim=2).view(B, 2 * T, D)  # [B, T, 2, D] -> [B, S, D]
 
 
+class Mixed(NamedTuple):
+    """The upper blocks' input and which of its positions feed the head."""
+
+    x_BSD: torch.Tensor
+    read: slice
+
+
+#: how ``c`` enters the residual stream at ``insert_layer`` (paper §3): insertion, intervention, prediction only
+MIXES = {
+    "interleave": lambda h_BTD, c_BTD: Mixed(interleave(h_BTD, c_BTD), slice(1, None, 2)),  # odd = c_t
+    "add": lambda h_BTD, c_BTD: Mixed(h_BTD + c_BTD.to(h_BTD.dtype), slice(None)),
+    "none": lambda h_BTD, c_BTD: Mixed(h_BTD, slice(None)),
+}
+
+#: the module at ``insert_layer``, by (concept_target, whether c is mixed in)
+BOTTLENECKS = {("concepts", True): ConceptBottleneck, ("concepts", False): ConceptPredictor,
+               ("hidden", True): HiddenBottleneck, ("hidden", False): HiddenPredictor}
+
+
+def init_gpt2_weights(module: nn.Module, cfg) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layer).
+
+    Uses ``transformers.initialization`` so that ``from_pretrained`` never re-initialises loaded weights.
+    """
+    std = cfg.initializer_range
+    if getattr(module, "is_residual_proj", False):  # (HF skips modules without own parameters)
+        std = std / math.sqrt(2 * cfg.n_layer)
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+
+
 class CoCoMixForCausalLM(PreTrainedModel):
     """CoCoMix student; ``forward(input_ids, labels, concept_ids)`` -> :class:`CoCoMixOutput`."""
 
@@ -208,7 +276,7 @@ class CoCoMixForCausalLM(PreTrainedModel):
     def __init__(self, config: CoCoMixConfig):
         super().__init__(config)
         self.transformer = GPT2Body(config)
-        self.concept = ConceptBottleneck(config)
+        self.concept = BOTTLENECKS[(config.concept_target, config.mix != "none")](config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
@@ -219,27 +287,16 @@ class CoCoMixForCausalLM(PreTrainedModel):
         return self.lm_head
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layer).
-
-        Uses ``transformers.initialization`` so that ``from_pretrained`` never re-initialises loaded weights.
-        """
-        std = self.config.initializer_range
-        if getattr(module, "is_residual_proj", False):  # (HF skips modules without own parameters)
-            std = std / math.sqrt(2 * self.config.n_layer)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        if isinstance(module, ConceptBottleneck):
-            init.zeros_(module.pre_bias)
-            init.zeros_(module.compress_bias)
+        init_gpt2_weights(module, self.config)
+        for name in ("pre_bias", "compress_bias"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                init.zeros_(getattr(module, name))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                concept_ids: torch.Tensor | None = None, **kwargs) -> CoCoMixOutput:
-        """``labels`` = ``input_ids`` (HF convention, shifted here; -100 ignored); ``concept_ids`` [B, T, K].
+                concept_ids: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
+                **kwargs) -> CoCoMixOutput:
+        """``labels`` = ``input_ids`` (HF convention, shifted here; -100 ignored); ``concept_ids`` [B, T, K]
+        (or, with ``concept_target="hidden"``, ``teacher_hidden`` [B, T, d_teacher]).
 
         Windows are full (no padding mask); other HF keyword arguments are accepted and ignored.
         """
@@ -248,14 +305,23 @@ class CoCoMixForCausalLM(PreTrainedModel):
         h_BTD = body.drop(body.wte(input_ids) + body.wpe(pos_T))
         for block in body.h[:cfg.insert_layer]:
             h_BTD = block(h_BTD)
-        step = self.concept(h_BTD, concept_ids)
-        x_BSD = interleave(h_BTD, step.c_BTD)
+        step = self.concept(h_BTD, concept_ids=concept_ids, teacher_hidden=teacher_hidden)
+        x_BSD, read = MIXES[cfg.mix](h_BTD, step.c_BTD)
         for block in body.h[cfg.insert_layer:]:
             x_BSD = block(x_BSD)
-        logits_BTV = self.lm_head(body.ln_f(x_BSD[:, 1::2]))  # odd positions = concepts c_t
+        logits_BTV = self.lm_head(body.ln_f(x_BSD[:, read]))  # interleave: odd positions = concepts c_t
         ntp_loss = None if labels is None else next_token_loss(logits_BTV, labels)
         return CoCoMixOutput(loss=combine(ntp_loss, step.loss, cfg.lam), ntp_loss=ntp_loss,
                              concept_loss=step.loss, logits=logits_BTV, concept_logits=step.z_BTL)
+
+    def predict_concepts(self, input_ids: torch.Tensor) -> ConceptStep:
+        """The concept step of ``forward`` alone (blocks below ``insert_layer`` only): z and its top-C."""
+        body = self.transformer
+        pos_T = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h_BTD = body.drop(body.wte(input_ids) + body.wpe(pos_T))
+        for block in body.h[:self.config.insert_layer]:
+            h_BTD = block(h_BTD)
+        return self.concept(h_BTD)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -333,3 +399,7 @@ def combine(ntp_loss: torch.Tensor | None, concept_loss: torch.Tensor | None, la
 
 AutoConfig.register("cocomix", CoCoMixConfig)
 AutoModelForCausalLM.register(CoCoMixConfig, CoCoMixForCausalLM)
+
+# The pause student reuses this file's body and registers itself; importing it here registers both
+# students wherever one is (every name it needs is defined above).
+from cocomix.stage2_pretrain import model_pause  # noqa: E402,F401

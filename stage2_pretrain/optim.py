@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule of the paper's recipe (DESIGN.md §5).
+"""AdamW and the learning-rate schedule of the paper's recipe.
 
 AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1 on every parameter, biases and LayerNorm
 gains included, as the official trainer (``train/trainer.py``: one ``AdamW(base_lm.parameters())``;

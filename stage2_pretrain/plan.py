@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 
 from cocomix.pipeline.errors import ConfigError
 
-from .config import PretrainConfig
-from .optim import Schedule
-from .presets import Preset, get_preset
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.optim import Schedule
+from cocomix.stage2_pretrain.presets import Preset, get_preset
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Model size presets (DESIGN.md §5 table), model construction and parameter accounting.
+"""Model size presets (the paper's table, docs/ARCHITECTURE.md), model construction and parameter accounting.
 
 Parameter accounting (``count_params``): every parameter once (the tied ``lm_head``/``wte`` matrix
 counts once) and **position embeddings included**, as ``num_parameters()`` in HF counts them; with
@@ -80,8 +80,12 @@ def get_preset(name: str) -> Preset:
 
 
 def build_model(method: str, preset: Preset, *, vocab_size: int, n_latents: int = 0, k_attr: int = 4,
-                ignore_id: int = 65535, eos_id: int | None = None) -> nn.Module:
-    """``cocomix`` -> :class:`CoCoMixForCausalLM` at ``cocomix_d``; ``ntp`` -> stock ``GPT2LMHeadModel`` at ``ntp_d``."""
+                ignore_id: int = 65535, eos_id: int | None = None, **ablation) -> nn.Module:
+    """``cocomix`` -> :class:`CoCoMixForCausalLM` at ``cocomix_d``; ``ntp`` -> stock ``GPT2LMHeadModel`` at ``ntp_d``.
+
+    ``ablation``: CoCoMix settings (``mix``, ``concept_target``, ``hidden_loss``, ``d_teacher``); the
+    other students (KD, pause) are built by :func:`.methods.build_student`.
+    """
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     common = dict(vocab_size=vocab_size, n_positions=preset.context, n_layer=preset.n_layer,
@@ -95,7 +99,7 @@ def build_model(method: str, preset: Preset, *, vocab_size: int, n_latents: int 
                           "pass --targets made with a larger SAE")
     cfg = CoCoMixConfig(n_embd=preset.cocomix_d, dropout=preset.dropout, insert_layer=preset.insert_layer,
                         n_latents=n_latents, k_concept=preset.k_concept, k_attr=k_attr, ignore_id=ignore_id,
-                        **common)
+                        **common, **ablation)
     return CoCoMixForCausalLM(cfg)
 
 
@@ -110,8 +114,9 @@ def count_params(model: nn.Module) -> ParamCount:
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    if not isinstance(model, CoCoMixForCausalLM):
-        return ParamCount(total, total)
+    compress = getattr(getattr(model, "concept", None), "compress", None)
+    if not isinstance(model, CoCoMixForCausalLM) or not isinstance(compress, nn.Embedding):
+        return ParamCount(total, total)  # no W_comp whose columns a token skips (ntp, kd, pause, hidden, mix none)
     cfg = model.config
     idle = (cfg.n_latents - cfg.k_concept) * cfg.n_embd
     return ParamCount(total, total - idle)

@@ -6,7 +6,6 @@ checkpoint with ``--resume``). Every rank builds the same model from the same se
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -16,18 +15,23 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.pipeline.errors import ConfigError, MismatchError
 from cocomix.pipeline.workspace import run_dir, workspace_root
 
-from . import checkpoint as ckpt_io
-from . import rundir
-from .config import PretrainConfig
-from .data import DataState, TargetSource, TokenSource, TrainStream
-from .inputs import TrainInputs, check_model_matches_targets, open_inputs, spot_check_alignment
-from .metrics import RunLog, check_tracker, truncate_metrics
-from .optim import make_optimizer, make_scheduler
-from .plan import RunPlan, make_plan
-from .presets import Preset, build_model, count_params, get_preset, match_ntp_width
+from cocomix.stage2_pretrain import checkpoint as ckpt_io
+from cocomix.stage2_pretrain import rundir
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.data import DataState, TargetSource, TokenSource, TrainStream
+from cocomix.stage2_pretrain.inputs import (
+    TrainInputs, check_label_windows, check_model_matches_targets, open_inputs, spot_check_alignment,
+)
+from cocomix.stage2_pretrain.methods import (
+    MethodSpec, StudentShape, WidthMatch, active_on_meta, build_student, match_width, reference_shape, spec_from_config,
+)
+from cocomix.stage2_pretrain.metrics import RunLog, check_tracker, truncate_metrics
+from cocomix.stage2_pretrain.optim import make_optimizer, make_scheduler
+from cocomix.stage2_pretrain.plan import RunPlan, make_plan
+from cocomix.stage2_pretrain.presets import count_params, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class Run(NamedTuple):
     """Everything the loop touches, built once by :func:`setup`."""
 
     cfg: PretrainConfig
+    spec: MethodSpec            #: the method and its flags
     plan: RunPlan
     out: Path
     acc: object
@@ -93,35 +98,63 @@ def world_size() -> int:
     return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
-def model_preset(cfg: PretrainConfig, inputs: TrainInputs) -> Preset:
-    """The size preset, with --width, or for NTP with --targets the width matching CoCoMix on them."""
-    preset = get_preset(cfg.size)
-    if cfg.width is not None:
-        if cfg.width % preset.n_head:
-            raise ConfigError(f"--width {cfg.width} is not a multiple of the {preset.n_head} heads of --size {cfg.size}")
-        return dataclasses.replace(preset, **{"ntp_d" if cfg.method == "ntp" else "cocomix_d": cfg.width})
-    if cfg.method == "ntp" and inputs.targets is not None:
-        return match_ntp_width(preset, inputs.store.vocab_size, inputs.targets.n_latents, inputs.targets.k_attr).preset
-    return preset
+def student_shape(inputs: TrainInputs) -> StudentShape:
+    """Vocabulary, SAE and label settings and teacher width, from the store and the targets."""
+    store, reader = inputs.store, inputs.targets
+    if reader is None:
+        return StudentShape(store.vocab_size, eos_id=store.eos_id)
+    hidden = reader.extra_columns.get("hidden") or {}
+    return StudentShape(store.vocab_size, reader.n_latents, reader.k_attr, reader.ignore_id, store.eos_id,
+                        int(hidden.get("width", 0)))
 
 
-def new_model(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs):
+def resolve_width(cfg: PretrainConfig, spec: MethodSpec, inputs: TrainInputs) -> WidthMatch:
+    """The method's width matched to the CoCoMix student on the same targets, or --width as given."""
+    preset, shape = get_preset(cfg.size), student_shape(inputs)
+    if cfg.width is None:
+        return match_width(spec, preset, shape)
+    if cfg.width % preset.n_head:
+        raise ConfigError(f"--width {cfg.width} is not a multiple of the {preset.n_head} heads of --size {cfg.size}")
+    ref_shape = reference_shape(preset, shape)
+    reference = active_on_meta(MethodSpec(), preset, preset.cocomix_d, ref_shape)
+    return WidthMatch(cfg.width, reference, active_on_meta(spec, preset, cfg.width, shape))
+
+
+def check_method_inputs(spec: MethodSpec, inputs: TrainInputs) -> None:
+    """The targets hold the columns the method reads; KD needs the teacher's vocabulary (one line each)."""
+    reader, where = inputs.targets, inputs.targets_path
+    have = set(reader.extra_columns) | {"concept_ids"} if reader is not None else set()
+    fixes = {"kd_ids": f"--method {spec.method} needs targets with KD samples (column kd_ids); "
+                       "re-run `cocomix extract` with --kd-samples N (e.g. 32) into another --out",
+             "hidden": "--concept-target hidden needs targets with teacher hidden states (column hidden); "
+                       "re-run `cocomix extract` with --store-hidden into another --out"}
+    for column in spec.columns:
+        if column not in have:
+            raise ConfigError(f"{fixes[column]} (--targets {where} have {', '.join(sorted(have)) or 'no targets'})")
+    if spec.uses_kd:
+        teacher_vocab = (reader.meta.get("teacher") or {}).get("vocab_size") or reader.meta.get("vocab_size")
+        if teacher_vocab is not None and int(teacher_vocab) != inputs.store.vocab_size:
+            raise MismatchError(f"--method {spec.method}: the teacher's vocabulary has {teacher_vocab} ids, the student's "
+                                f"(--tokens {inputs.tokens_path}) {inputs.store.vocab_size}; KD needs the same vocabulary")
+
+
+def new_model(cfg: PretrainConfig, spec: MethodSpec, match: WidthMatch, inputs: TrainInputs):
     """A freshly initialised student (seeded, so every rank builds the same weights)."""
-    preset, store, reader = model_preset(cfg, inputs), inputs.store, inputs.targets
+    store, reader = inputs.store, inputs.targets
     torch.manual_seed(cfg.seed)
-    if plan.method == "ntp":
-        model = build_model("ntp", preset, vocab_size=store.vocab_size, eos_id=store.eos_id)
+    model = build_student(spec, get_preset(cfg.size), match.width, student_shape(inputs))
+    if spec.arch == "cocomix":
+        model.config.concept_provenance = {**reader.meta, "targets_path": str(inputs.targets_path)}
+    else:
         model.config.cocomix_tokens = store.provenance()
-        return model
-    model = build_model("cocomix", preset, vocab_size=store.vocab_size, n_latents=reader.n_latents,
-                        k_attr=reader.k_attr, ignore_id=reader.ignore_id, eos_id=store.eos_id)
-    model.config.lam = cfg.lam
-    model.config.concept_provenance = {**reader.meta, "targets_path": str(inputs.targets_path)}
+    if spec.uses_kd:
+        model.config.cocomix_kd = {"targets_path": str(inputs.targets_path), "teacher": reader.meta.get("teacher"),
+                                   "kd_alpha": spec.kd_alpha, "samples": reader.extra_columns["kd_ids"]["width"]}
     return model
 
 
 def resumed_model(ckpt: Path, inputs: TrainInputs, lam: float):
-    from .evaluate import load_checkpoint_model
+    from cocomix.stage2_pretrain.evaluate import load_checkpoint_model
 
     model = load_checkpoint_model(ckpt)
     if getattr(model.config, "model_type", "") == "cocomix":
@@ -139,21 +172,27 @@ def prepare_for_accelerate(model) -> None:
         model._no_split_modules = [type(model.transformer.h[0]).__name__]
 
 
-def make_stream(cfg: PretrainConfig, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
-    if plan.method == "ntp":
+def make_stream(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, inputs: TrainInputs, rank: int) -> TrainStream:
+    """Aligned: windows at the targets' offsets (a run that reads no target column but has --targets,
+    e.g. NTP, sees the same windows as CoCoMix on them); free, or no targets: the official free shift."""
+    aligned = cfg.label_windows == "aligned" and inputs.targets is not None
+    if not spec.columns:
         source = TokenSource(inputs.store, "train")
     else:
-        source = TargetSource(inputs.targets, "train")
-    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum,
-                       world=plan.world, rank=rank, seed=cfg.seed)
+        source = TargetSource(inputs.targets, "train", columns=spec.columns, aligned=aligned)
+    return TrainStream(source, context=plan.context, micro=plan.micro_batch, accum=plan.accum, world=plan.world,
+                       rank=rank, seed=cfg.seed, offsets=inputs.targets.offsets if aligned else None)
 
 
-def run_record(cfg: PretrainConfig, plan: RunPlan, model, inputs: TrainInputs) -> dict:
+def run_record(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, model, inputs: TrainInputs,
+               match: WidthMatch | None) -> dict:
     counts = count_params(model)
     return {
         "config": asdict(cfg),
+        "method": spec.describe(),
         "plan": {**plan.to_dict(), "seed": cfg.seed},
         "params": {"total": counts.total, "active": counts.active},
+        "matched": None if match is None else match.as_record(),
         "tokens": {"path": str(inputs.tokens_path), "provenance": inputs.store.provenance()},
         "targets": None if inputs.targets is None else {
             "path": str(inputs.targets_path), "meta": inputs.targets.meta,
@@ -166,20 +205,25 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     """Inputs, plan, run folder, model, optimizer and (with --resume) the restored state."""
     out = Path(cfg.out) if cfg.out else run_dir(workspace_root(cfg.workspace), cfg.method, cfg.size)
     check_fsdp_device()
+    spec = spec_from_config(cfg)
     plan = make_plan(cfg, world_size())
     acc = make_accelerator(cfg, plan.accum, out)
     inputs = open_inputs(cfg.method, cfg.tokens, cfg.targets, cfg.workspace)
-    if cfg.method == "cocomix":
+    check_method_inputs(spec, inputs)
+    match = resolve_width(cfg, spec, inputs)  # before anything is written: a bad --insert-layer is refused here
+    if spec.columns:
         spot_check_alignment(inputs.targets, inputs.store, seed=cfg.seed)
+    if spec.columns or (inputs.targets is not None and cfg.label_windows == "aligned"):
+        check_label_windows(inputs.targets, inputs.targets_path, plan.context, cfg.size, cfg.label_windows)
     if acc.is_main_process:
         rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
     acc.wait_for_everyone()
     ckpt = ckpt_io.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, plan, inputs)
+    model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, spec, match, inputs)
     prepare_for_accelerate(model)
-    record = run_record(cfg, plan, model, inputs)
+    record = run_record(cfg, spec, plan, model, inputs, None if ckpt else match)
     announce(acc, out, record, ckpt)
     optimizer = make_optimizer(model, plan.lr, on_cuda=acc.device.type == "cuda")
     scheduler = make_scheduler(optimizer, plan.schedule)
@@ -190,7 +234,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     if acc.is_main_process:
         truncate_metrics(out, state.step)
     start_trackers(acc, cfg.tracker, plan)
-    run = Run(cfg, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, plan, inputs, acc.process_index),
+    run = Run(cfg, spec, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, spec, plan, inputs, acc.process_index),
               inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record,
               val_split(inputs.store, cfg.eval_every))
     return run, state
@@ -220,9 +264,13 @@ def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
         return
     if ckpt:
         rundir.check_resume_matches(out, record)
+        record["matched"] = record["matched"] or rundir.previous_match(out)
     rundir.write_run_json(out, record)
-    p, plan = record["params"], record["plan"]
+    p, plan, m = record["params"], record["plan"], record["matched"]
     log.info("%s %s: %s parameters, %s active", plan["method"], plan["size"], f"{p['total']:,}", f"{p['active']:,}")
+    if m:
+        log.info("matched to the CoCoMix student on the same targets: width %d, %s active vs %s (ratio %.4f)",
+                 m["width"], f"{m['active']:,}", f"{m['reference_active']:,}", m["ratio"])
     kind = "single-process" if acc.distributed_type.name == "NO" else acc.distributed_type.name
     log.info("accelerate: %s on %s, %d process(es), mixed precision %s", kind, acc.device.type,
              acc.num_processes, acc.mixed_precision)

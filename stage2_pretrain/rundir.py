@@ -18,7 +18,7 @@ from cocomix.pipeline.errors import CocomixError, ConfigError
 from cocomix.storage.files import atomic_write_json, fsync_dir
 from cocomix.storage.token_store import content_identity
 
-from .checkpoint import CKPT_DIR
+from cocomix.stage2_pretrain.checkpoint import CKPT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,20 @@ def check_resume_matches(out: Path, record: dict) -> None:
         old, new = before["plan"].get(key), record["plan"].get(key)
         if old is not None and old != new:
             raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old} or start another --out")
+    old_method, new_method = _method_flags(before), _method_flags(record)
+    if old_method is not None and old_method != new_method:
+        raise ConfigError(f"--resume: the method flags were {old_method} in {out} but are {new_method} now; "
+                          "pass the same flags (the checkpoint fixes the model) or start another --out")
+    old_lw, new_lw = before["config"].get("label_windows", "free"), record["config"].get("label_windows")
+    if old_lw != new_lw:  # runs from before --label-windows read labels as `free` does
+        raise ConfigError(f"--resume: --label-windows was {old_lw} in {out} but is {new_lw} now; pass --label-windows {old_lw} or start another --out")
     old_width, new_width = before["config"].get("width"), record["config"].get("width")
     if new_width is not None and new_width != old_width:
         raise ConfigError(f"--resume: --width was {old_width or 'the preset width'} in {out} but is {new_width} now; "
                           "drop --width (the checkpoint fixes the model) or start another --out")
     for what, flag in (("tokens", "--tokens"), ("targets", "--targets")):
-        if what == "targets" and record["plan"]["method"] == "ntp":
-            continue  # an NTP run reads no targets (they only chose its width, now fixed by the checkpoint)
+        if what == "targets" and not (record.get("method") or {}).get("columns", record["plan"]["method"] != "ntp"):
+            continue  # an NTP or pause run reads no targets (they only chose its width, now fixed by the checkpoint)
         old, new = data_identity(before, what), data_identity(record, what)
         if old is not None and old != new:
             was = (before.get(what) or {}).get("path")
@@ -74,6 +81,18 @@ def check_resume_matches(out: Path, record: dict) -> None:
     if before["plan"].get("max_steps") != record["plan"].get("max_steps"):
         log.warning("--resume: --max-steps %s -> %s; the learning-rate schedule now ends at step %s",
                     before["plan"].get("max_steps"), record["plan"].get("max_steps"), record["plan"].get("max_steps"))
+
+
+def _method_flags(record: dict) -> dict | None:
+    """The method's flags that a checkpoint fixes (``--lam`` may change on resume); None in older run.json files."""
+    method = record.get("method")
+    return None if method is None else {k: v for k, v in method.items() if k != "lam"}
+
+
+def previous_match(out: Path) -> dict | None:
+    """The width match recorded when the run started (a resumed run's model comes from its checkpoint)."""
+    path = out / RUN_JSON
+    return json.loads(path.read_text()).get("matched") if path.exists() else None
 
 
 def data_identity(record: dict, what: str):

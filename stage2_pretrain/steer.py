@@ -31,10 +31,10 @@ from torch import nn
 from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage1_extract.sae import layernorm_unbiased
 
-from .generate import (context_length, encode_prompt, generate, is_cocomix, load_for_generation,
-                       load_tokenizer, make_decoder, sampling_of)
-from .generate_config import SteerConfig
-from .model import ConceptBottleneck, ConceptStep
+from cocomix.stage2_pretrain.generate import (context_length, encode_prompt, generate, is_cocomix, load_for_generation,
+                                              load_tokenizer, make_decoder, sampling_of)
+from cocomix.stage2_pretrain.generate_config import SteerConfig
+from cocomix.stage2_pretrain.model import ConceptBottleneck, ConceptStep
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class SteeredBottleneck(nn.Module):
         super().__init__()
         self.inner, self.latents, self.scale = inner, latents, scale
 
-    def forward(self, h_BTD: torch.Tensor, ids_BTK: torch.Tensor | None = None) -> ConceptStep:
+    def forward(self, h_BTD: torch.Tensor, concept_ids: torch.Tensor | None = None, **_) -> ConceptStep:
         bottleneck = self.inner
         norm = layernorm_unbiased(h_BTD)
         z_BTL = bottleneck.predictor(norm.x - bottleneck.pre_bias)
@@ -132,6 +132,9 @@ def check_steerable(model, cfg: SteerConfig) -> None:
     if not is_cocomix(model):
         raise CocomixError(f"checkpoint {cfg.ckpt} is a {model.config.model_type} model: it predicts no concepts, so there "
                            "is nothing to steer; pass a CoCoMix checkpoint")
+    if getattr(model.config, "concept_target", "concepts") != "concepts" or getattr(model.config, "mix", "interleave") == "none":
+        raise CocomixError(f"checkpoint {cfg.ckpt} mixes no SAE concepts into its stream (concept_target "
+                           f"{model.config.concept_target!r}, mix {model.config.mix!r}): there is nothing to steer; pass a CoCoMix checkpoint")
     L, C = model.config.n_latents, model.config.k_concept
     for j in cfg.concept_ids:
         if j >= L:

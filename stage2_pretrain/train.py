@@ -8,8 +8,9 @@ pretrain ...``, gloo). The loop reads like its table of contents::
     train:        for each step: train_step; log; maybe evaluate; maybe checkpoint
 
 Losses of a step are exactly those of the global batch, whatever the process count:
-the NTP term is a mean over equal-sized windows, and each micro-batch's concept term is
-weighted by its share of the global batch's valid label slots (an all-reduced count).
+the NTP and KD terms are means over equal-sized windows, and each micro-batch's concept term
+is weighted by its share of the global batch's valid label slots (an all-reduced count).
+What a micro-batch's loss is depends on the method (:mod:`.methods`); the loop does not.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ import torch
 
 from cocomix.pipeline.errors import CocomixError
 
-from . import checkpoint as ckpt_io
-from . import rundir
-from .config import PretrainConfig
-from .data import StepBatch, val_starts
-from .evaluate import PplResult, evaluate_split
-from .optim import CLIP
-from .prefetch import prefetch
-from .run_setup import Run, setup
+from cocomix.stage2_pretrain import checkpoint as ckpt_io
+from cocomix.stage2_pretrain import rundir
+from cocomix.stage2_pretrain.config import PretrainConfig
+from cocomix.stage2_pretrain.data import StepBatch, val_starts
+from cocomix.stage2_pretrain.evaluate import PplResult, evaluate_split
+from cocomix.stage2_pretrain.methods import micro_loss
+from cocomix.stage2_pretrain.optim import CLIP
+from cocomix.stage2_pretrain.prefetch import prefetch
+from cocomix.stage2_pretrain.run_setup import Run, setup
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class StepValues(NamedTuple):
     ntp_loss: float
     concept_loss: float | None
     grad_norm: float
+    kd_loss: float | None = None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -63,41 +66,40 @@ def global_valid_slots(acc, batch: StepBatch, ignore_id: int) -> torch.Tensor:
     return acc.reduce(torch.tensor([float(local)], device=acc.device), reduction="sum")
 
 
-def forward_backward(run: Run, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accumulate gradients of one global batch; returns this rank's mean NTP and concept losses."""
-    acc, model, plan = run.acc, run.model, run.plan
-    cocomix = batch.micro_batches[0].concept_ids is not None
-    n_micro = plan.accum * plan.world
-    total_valid = global_valid_slots(acc, batch, run.inputs.targets.ignore_id) if cocomix else None
-    ntp_sum = torch.zeros((), device=acc.device)
-    concept_sum = torch.zeros((), device=acc.device)
-    for mb in batch.micro_batches:
-        ids_BT = mb.input_ids.to(acc.device)
+def concept_shares(run: Run, batch: StepBatch) -> list:
+    """Per micro-batch, the factor that turns its mean concept loss into its share of the global batch's:
+    label slots differ in validity (ignore_id), so a micro-batch counts by its valid slots. 1 for the
+    other losses (means over equal-sized windows)."""
+    if batch.micro_batches[0].concept_ids is None:
+        return [1.0] * len(batch.micro_batches)
+    ignore_id, n_micro = run.inputs.targets.ignore_id, run.plan.accum * run.plan.world
+    total_valid = global_valid_slots(run.acc, batch, ignore_id).clamp(min=1)
+    return [((mb.concept_ids != ignore_id).sum().to(run.acc.device) * n_micro / total_valid).squeeze()
+            for mb in batch.micro_batches]
+
+
+def forward_backward(run: Run, batch: StepBatch) -> dict:
+    """Accumulate gradients of one global batch; returns this rank's mean loss parts (``ntp_loss``, ...)."""
+    acc, model = run.acc, run.model
+    sums: dict = {}
+    for mb, share in zip(batch.micro_batches, concept_shares(run, batch)):
         with acc.accumulate(model):
-            if cocomix:
-                ids_BTK = mb.concept_ids.to(acc.device)
-                out = model(input_ids=ids_BT, labels=ids_BT, concept_ids=ids_BTK)
-                share = (ids_BTK != run.inputs.targets.ignore_id).sum() * n_micro / total_valid.clamp(min=1)
-                concept = out.concept_loss * share.squeeze()
-                loss = out.ntp_loss + run.cfg.lam * concept
-                concept_sum += concept.detach()
-                ntp_sum += out.ntp_loss.detach()
-            else:
-                loss = model(input_ids=ids_BT, labels=ids_BT).loss
-                ntp_sum += loss.detach()
-            acc.backward(loss)
-    ntp = ntp_sum / plan.accum
-    return ntp, (concept_sum / plan.accum if cocomix else None)
+            out = micro_loss(run.spec, model, mb, acc.device, share)
+            acc.backward(out.loss)
+        for name, value in out.parts.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+    return {name: value / run.plan.accum for name, value in sums.items()}
 
 
 def train_step(run: Run, step: int, batch: StepBatch) -> StepValues:
     """One optimizer step on one global batch (``step`` is 0-based); raises before stepping on NaN/inf."""
     acc = run.acc
-    ntp, concept = forward_backward(run, batch)
-    parts = torch.stack([ntp, concept if concept is not None else torch.zeros_like(ntp)])
-    ntp_v, concept_v = acc.reduce(parts, reduction="mean").tolist()
+    parts = forward_backward(run, batch)
+    names = sorted(parts)
+    reduced = acc.reduce(torch.stack([parts[n] for n in names]), reduction="mean").tolist()
+    values = dict(zip(names, reduced))
     grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), CLIP))
-    loss_v = ntp_v + (run.cfg.lam * concept_v if concept is not None else 0.0)
+    loss_v = float(run.spec.combine(values))
     if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
         raise CocomixError(
             f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step + 1} "
@@ -107,7 +109,7 @@ def train_step(run: Run, step: int, batch: StepBatch) -> StepValues:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepValues(loss_v, ntp_v, concept_v if concept is not None else None, grad_norm)
+    return StepValues(loss_v, values["ntp_loss"], values.get("concept_loss"), grad_norm, values.get("kd_loss"))
 
 
 def maybe_evaluate(run: Run, step: int, force: bool) -> PplResult | None:

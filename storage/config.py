@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from cocomix.pipeline.configs import arg, flag
 from cocomix.pipeline.errors import ConfigError
 
+NANOGPT_SEED = 2357  #: nanoGPT's data/openwebtext/prepare.py: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+
 
 @dataclass
 class TokenizeConfig:
@@ -22,8 +24,9 @@ class TokenizeConfig:
     tokenizer: str | None = flag(None, help="Hub id or local folder of a fast tokenizer. Default: openai-community/gpt2 (unless --train-tokenizer).")
     train_tokenizer: int | None = flag(None, help="Train a byte-level BPE with this vocabulary size on the corpus instead of loading --tokenizer; saved into the store.")
     text_field: str = flag("text", help="Field holding the document text in .jsonl/.json/.parquet records and hub datasets.")
-    val_fraction: float = flag(0.0005, help="Share of documents sent to the `val` split (by a seeded hash of the document index).")
-    seed: int = flag(0, help="Seed of the train/val split.")
+    val_fraction: float = flag(0.0005, help="Share of documents sent to the `val` split.")
+    split_rule: str = flag("auto", help="How documents go to `val`: `hash` (a seeded hash of each document's index: streams, no count needed), `nanogpt` (nanoGPT's prepare.py, the official pipeline's: `datasets` train_test_split(test_size=--val-fraction, seed=--seed, shuffle=True), so val holds the same documents; needs the document count, counted first when the corpus does not say), or `auto` = nanogpt for --corpus openwebtext, hash otherwise.")
+    seed: int | None = flag(None, help="Seed of the train/val split. Default: 2357 with the nanogpt rule (nanoGPT's), else 0.")
     num_proc: int = flag(1, help="Worker processes for tokenization.")
     batch_size: int = flag(1000, help="Documents per tokenizer batch.")
     chunk_tokens: int = flag(1 << 14, help="Zarr chunk length in tokens (zstd-compressed; the unit of a random read, see bench/storage.py).")
@@ -35,6 +38,12 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.split_rule not in ("auto", "hash", "nanogpt"):
+            raise ConfigError(f"--split-rule must be auto, hash or nanogpt, got {self.split_rule!r}")
+        if self.split_rule == "auto":
+            self.split_rule = "nanogpt" if self.corpus == "openwebtext" else "hash"
+        if self.seed is None:
+            self.seed = NANOGPT_SEED if self.split_rule == "nanogpt" else 0
         for name in ("num_proc", "batch_size", "max_docs"):
             value = getattr(self, name)
             if value is not None and value < 1:

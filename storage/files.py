@@ -53,10 +53,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # ---- step folders (training checkpoints, resume states) ------------------------------------
 #   <base>/step-NNNNNNN/   filled as .step-NNNNNNN.tmp, marker written last, then renamed
 

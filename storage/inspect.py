@@ -66,23 +66,33 @@ def inspect_targets(path: Path, samples: int = 8, tokens: str | None = None) -> 
     reader = TargetReader.open(path)
     m = reader.manifest
     disk = sum(e["bytes"] for e in m["shards"])
-    n_tokens = sum(m["splits"].values())
+    n_rows = sum(e["rows"] for e in m["shards"])  # N label sets hold N rows per token
     raw = _raw_bytes_per_token(m)
     splits = {s: {"tokens": n, "shards": sum(e["split"] == s for e in m["shards"])} for s, n in m["splits"].items()}
     info = {
         "kind": "targets", "path": str(path), "schema_version": m["schema_version"], "splits": splits,
-        "shards": len(m["shards"]), "bytes_on_disk": disk, "bytes_per_token": disk / max(n_tokens, 1),
+        "shards": len(m["shards"]), "bytes_on_disk": disk, "bytes_per_token": disk / max(n_rows, 1),
         "raw_bytes_per_token": raw, "k_attr": reader.k_attr, "n_latents": reader.n_latents,
-        "ignore_id": reader.ignore_id, "dtypes": m["dtypes"], "provenance": _target_provenance(reader.meta),
+        "ignore_id": reader.ignore_id, "dtypes": m["dtypes"], "window_offsets": _offsets(reader),
+        "provenance": _target_provenance(reader.meta),
+        "extra_columns": {name: {k: v for k, v in col.items() if k != "rule"} for name, col in reader.extra_columns.items()},
         "labels": label_stats(reader),
     }
     info["samples"] = _samples(reader, samples, _decoder(reader, tokens))
     return info
 
 
+def _offsets(reader: TargetReader) -> dict:
+    """The label sets: one per window offset, with the rule that placed them."""
+    record = reader.meta.get("offsets") or {"rule": "single set"}
+    return {"values": ", ".join(map(str, reader.offsets)), "rule": record["rule"], "seed": record.get("seed"),
+            "window": reader.window_length}
+
+
 def _raw_bytes_per_token(manifest: dict) -> int:
     d, k = manifest["dtypes"], manifest["k_attr"]
-    return np.dtype(d["token"]).itemsize + k * (np.dtype(d["id"]).itemsize + np.dtype(d["score"]).itemsize)
+    extra = sum(np.dtype(c["dtype"]).itemsize * int(c["width"]) for c in (manifest.get("extra_columns") or {}).values())
+    return np.dtype(d["token"]).itemsize + k * (np.dtype(d["id"]).itemsize + np.dtype(d["score"]).itemsize) + extra
 
 
 def _target_provenance(meta: dict) -> dict:
@@ -148,7 +158,19 @@ def _samples(reader: TargetReader, n: int, tok) -> list[dict]:
         "text": tok.decode([int(w.tokens[i])]) if tok is not None else None,
         "concept_ids": [int(c) for c in w.concept_ids[i] if c != reader.ignore_id],
         "concept_scores": [round(float(s), 4) for c, s in zip(w.concept_ids[i], w.concept_scores[i]) if c != reader.ignore_id],
+        **_kd_sample(w, i, tok),
     } for i in labelled]
+
+
+def _kd_sample(w, i: int, tok) -> dict:
+    """The most frequent KD ids sampled at position ``i`` (with their share), when the folder has them."""
+    kd = w.extra.get("kd_ids")
+    if kd is None:
+        return {}
+    ids, counts = np.unique(kd[i], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:3]
+    shown = [f"{tok.decode([int(ids[j])]) if tok is not None else int(ids[j])!r}:{counts[j] / len(kd[i]):.2f}" for j in order]
+    return {"kd_next": " ".join(shown)}
 
 
 def _print_tables(info: dict) -> None:

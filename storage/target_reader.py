@@ -16,8 +16,10 @@ import numpy as np
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
-    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, safe_path, shard_column_views,
+    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, extra_column_views, safe_path,
+    shard_column_views,
 )
+from cocomix.storage.target_offsets import folder_offsets
 from cocomix.storage.target_writer import lock_path, stamp_vouches
 
 log = logging.getLogger(__name__)
@@ -26,11 +28,13 @@ OPEN_SHARDS = 64
 
 
 class TargetWindow(NamedTuple):
-    """Rows ``[start, stop)`` of a split: token [N], concept_ids [N, K], concept_scores [N, K]."""
+    """Rows ``[start, stop)`` of a split: token [N], concept_ids [N, K], concept_scores [N, K],
+    and the optional columns (``kd_ids`` [N, S], ``hidden`` [N, d]) by name; {} when the folder has none."""
 
     tokens: np.ndarray
     concept_ids: np.ndarray
     concept_scores: np.ndarray
+    extra: dict = {}  # never mutated: the shared default is safe
 
 
 class _Shard(NamedTuple):
@@ -39,6 +43,7 @@ class _Shard(NamedTuple):
     tokens: np.ndarray
     ids_NK: np.ndarray
     scores_NK: np.ndarray
+    extra: dict  #: optional columns, name -> [n, width]
 
 
 def load_manifest(path: Path) -> dict:
@@ -62,16 +67,26 @@ def load_manifest(path: Path) -> dict:
 
 
 def check_ranges(manifest: dict) -> None:
-    """Per split, shard ranges are contiguous from 0 and end at the split's length."""
-    for split, length in manifest["splits"].items():
-        shards = sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["start"])
-        pos = 0
-        for s in shards:
-            if s["start"] != pos or s["end"] <= s["start"] or s["rows"] != s["end"] - s["start"]:
-                raise IntegrityError(f"shard {s['path']} covers [{s['start']}, {s['end']}) but the next token of split {split!r} is {pos}; ranges must be contiguous")
-            pos = s["end"]
-        if pos != length:
-            raise IntegrityError(f"shards of split {split!r} end at token {pos}, the split has {length}; some shard is missing")
+    """Per label set (offset r) and split, shard ranges are contiguous from r and end at the split's length."""
+    offsets = folder_offsets(manifest.get("meta") or {})
+    strays = [s["path"] for s in manifest["shards"] if s.get("offset", 0) not in offsets]
+    if strays:
+        raise IntegrityError(f"shard {strays[0]} belongs to no window offset the manifest lists ({offsets}); the manifest is corrupt")
+    for r in offsets:
+        for split, length in manifest["splits"].items():
+            _check_set_ranges(manifest, split, length, r)
+
+
+def _check_set_ranges(manifest: dict, split: str, length: int, r: int) -> None:
+    shards = sorted((s for s in manifest["shards"] if s["split"] == split and s.get("offset", 0) == r), key=lambda s: s["start"])
+    what = f"split {split!r}" + (f" (label set of offset {r})" if r else "")
+    pos = min(r, length)
+    for s in shards:
+        if s["start"] != pos or s["end"] <= s["start"] or s["rows"] != s["end"] - s["start"]:
+            raise IntegrityError(f"shard {s['path']} covers [{s['start']}, {s['end']}) but the next token of {what} is {pos}; ranges must be contiguous")
+        pos = s["end"]
+    if pos != length:
+        raise IntegrityError(f"shards of {what} end at token {pos}, the split has {length}; some shard is missing")
 
 
 class TargetReader:
@@ -85,10 +100,14 @@ class TargetReader:
         self.n_latents = int(self.meta["sae"]["n_latents"]) if "sae" in self.meta else int(manifest.get("n_latents") or 0)
         self.ignore_id = int(manifest["ignore_id"])
         self.splits: list[str] = list(manifest["splits"])
+        self.extra_columns: dict = manifest.get("extra_columns") or {}  #: optional columns (kd_ids, hidden): name -> record
         d = manifest["dtypes"]
-        self.schema = arrow_schema(d["token"], d["id"], d["score"], self.k_attr)
-        self._by_split = {s: sorted((e for e in manifest["shards"] if e["split"] == s), key=lambda e: e["start"]) for s in self.splits}
-        self._starts = {s: [e["start"] for e in entries] for s, entries in self._by_split.items()}
+        self.schema = arrow_schema(d["token"], d["id"], d["score"], self.k_attr, self.extra_columns)
+        self.offsets: list[int] = folder_offsets(self.meta)  #: window offsets with a label set; [0] for one set
+        self.window_length: int | None = self.meta.get("window")  #: the T of the labelled windows
+        self._by_set = {(s, r): sorted((e for e in manifest["shards"] if e["split"] == s and e.get("offset", 0) == r),
+                                       key=lambda e: e["start"]) for s in self.splits for r in self.offsets}
+        self._starts = {key: [e["start"] for e in entries] for key, entries in self._by_set.items()}
         self._open: OrderedDict[str, _Shard] = OrderedDict()
         self._checked: set[str] = set()
 
@@ -125,7 +144,8 @@ class TargetReader:
         st = file.stat()
         if "bytes" in entry and st.st_size != entry["bytes"]:
             raise IntegrityError(f"shard {entry['path']} has {st.st_size} bytes, its manifest says {entry['bytes']} (truncated or modified); delete it and run the extract again")
-        if not stamp_vouches(lock_path(self.path, entry["split"], entry["index"], ".stamp"), file, entry["sha256"]):
+        stamp = lock_path(self.path, entry["split"], entry["index"], ".stamp", entry.get("offset", 0))
+        if not stamp_vouches(stamp, file, entry["sha256"]):
             self.check_checksum(entry)
         self._checked.add(entry["path"])
 
@@ -157,27 +177,33 @@ class TargetReader:
             raise IntegrityError(f"shard {entry['path']} does not have the schema of its manifest; delete it and run the extract again")
         if batch.num_rows != entry["rows"]:
             raise IntegrityError(f"shard {entry['path']} has {batch.num_rows} rows, its manifest says {entry['rows']}")
-        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr))
+        return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr),
+                      extra_column_views(batch, self.extra_columns))
 
-    def window(self, split: str, start: int, stop: int) -> TargetWindow:
-        """Rows ``[start, stop)`` (stop clipped to the split); zero-copy when inside one shard."""
+    def window(self, split: str, start: int, stop: int, offset: int = 0) -> TargetWindow:
+        """Rows ``[start, stop)`` (stop clipped to the split) of the label set of window ``offset``;
+        zero-copy when inside one shard. Set ``r`` has rows from token ``r`` on."""
         length = self.split_length(split)
         stop = min(stop, length)
-        if not 0 <= start <= stop:
-            raise IndexError(f"bad window [{start}, {stop}) of split {split!r} with {length} tokens")
-        entries, starts = self._by_split[split], self._starts[split]
+        if offset not in self.offsets:
+            raise CocomixError(f"targets {self.path} hold no labels for window offset {offset} (offsets: {self.offsets})")
+        if not offset <= start <= stop or (start == stop and not self._by_set[(split, offset)]):
+            raise IndexError(f"bad window [{start}, {stop}) of split {split!r} with {length} tokens (label set of offset {offset})")
+        entries, starts = self._by_set[(split, offset)], self._starts[(split, offset)]
         i = max(bisect.bisect_right(starts, start) - 1, 0)
         pieces = []
         while start < stop or not pieces:
             shard = self.shard_views(entries[i])
             lo, hi = start - shard.start, min(stop, shard.end) - shard.start
-            pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi]))
+            extra = {name: view[lo:hi] for name, view in shard.extra.items()}
+            pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi], extra))
             start, i = shard.start + hi, i + 1
             if start >= stop:
                 break
         if len(pieces) == 1:
             return pieces[0]
-        return TargetWindow(*(np.concatenate(cols) for cols in zip(*pieces)))
+        extra = {name: np.concatenate([p.extra[name] for p in pieces]) for name in pieces[0].extra}
+        return TargetWindow(*(np.concatenate(cols) for cols in zip(*(p[:3] for p in pieces))), extra)
 
     def check_tokens(self, store_provenance: dict) -> None:
         """MismatchError when these targets were made from another tokenizer, vocabulary or corpus."""

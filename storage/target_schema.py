@@ -1,15 +1,23 @@
-"""Target-shard format (DESIGN.md §3): schema, dtypes, shard plan, safe paths.
+"""Target-shard format (docs/ARCHITECTURE.md, formats): schema, dtypes, shard plan, safe paths.
 
 ::
 
     <targets>/plan.json                  written first: meta + shard plan + dtypes (lets a re-run resume)
     <targets>/<split>/shard-NNNNN.arrow  Arrow IPC file, one row per token of [start, end)
     <targets>/<split>/shard-NNNNN.json   sidecar: range, rows, sha256 (written after the shard)
+    <targets>/offset-<r>/<split>/...     the label set of window offset r > 0 (``extract --offsets N``)
     <targets>/manifest.json              written last: everything a reader needs
 
 Columns: ``token`` (uint16|uint32), ``concept_ids`` (fixed_size_list<uint16|uint32>[k]),
 ``concept_scores`` (fixed_size_list<float32|float16>[k]). A slot without a label holds
 ``ignore_id`` = the id dtype's maximum. Shards are uncompressed so they memory-map.
+
+Optional columns follow, in this order, when ``extract`` was asked for them (plan and
+manifest list them under ``extra_columns`` with their dtype, width and how they were made;
+a folder without that key has none, as every folder written before they existed):
+``kd_ids`` (fixed_size_list<token dtype>[N]: N token ids sampled from the teacher's
+next-token distribution) and ``hidden`` (fixed_size_list<float16>[d]: the teacher's hidden
+state at the SAE's layer).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.storage.target_offsets import shard_relpath
 
 TARGETS_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,6 +35,7 @@ PLAN = "plan.json"
 FORMAT = "cocomix-targets"
 SCHEMA_KEY = b"cocomix.targets.schema_version"
 COLUMNS = ("token", "concept_ids", "concept_scores")
+EXTRA_COLUMNS = ("kd_ids", "hidden")  #: optional columns, in schema order
 SCORE_DTYPES = ("float32", "float16")
 
 
@@ -47,38 +57,54 @@ def ignore_id(dtype) -> int:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Tokens ``[start, end)`` of ``split``, stored as shard number ``index`` of that split."""
+    """Tokens ``[start, end)`` of ``split``, stored as shard number ``index`` of that split in
+    the label set whose windows start at ``offset`` (:mod:`.target_offsets`)."""
 
     split: str
     index: int
     start: int
     end: int
+    offset: int = 0
 
     @property
     def relpath(self) -> str:
-        return f"{self.split}/shard-{self.index:05d}.arrow"
+        return shard_relpath(self.split, self.index, self.offset)
 
     @property
     def rows(self) -> int:
         return self.end - self.start
 
     def to_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if not self.offset:
+            del record["offset"]  # the offset-0 set is recorded as before offsets existed
+        return record
 
 
-def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: int) -> list[ShardSpec]:
-    """Cut each split into shards of ``window * windows_per_shard`` tokens (the last one shorter)."""
+def plan_shards(split_lengths: dict[str, int], window: int, windows_per_shard: int,
+                offsets: tuple[int, ...] | list[int] = (0,)) -> list[ShardSpec]:
+    """Per offset ``r``, cut tokens ``[r, n)`` of each split into shards of ``window * windows_per_shard``
+    tokens (the last one shorter), so every window of set ``r`` starts at ``r + i * window``."""
     if window <= 0 or windows_per_shard <= 0:
         raise CocomixError(f"window ({window}) and windows per shard ({windows_per_shard}) must be positive")
     size = window * windows_per_shard
     plan = []
-    for split, n in split_lengths.items():
-        plan += [ShardSpec(split, i, start, min(start + size, n)) for i, start in enumerate(range(0, n, size))]
+    for r in offsets:
+        for split, n in split_lengths.items():
+            plan += [ShardSpec(split, i, start, min(start + size, n), r) for i, start in enumerate(range(r, n, size))]
     return plan
 
 
-def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int):
-    """The exact shard schema; the schema version travels in its metadata."""
+def extra_column(dtype, width: int, **about) -> dict:
+    """The ``extra_columns`` record of one optional column: dtype, width, and how it was made."""
+    return {"dtype": np.dtype(dtype).name, "width": int(width), **about}
+
+
+def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int, extra: dict | None = None):
+    """The exact shard schema; the schema version travels in its metadata.
+
+    ``extra`` is the ``extra_columns`` record (name -> {dtype, width, ...}); absent or empty: none.
+    """
     import pyarrow as pa
 
     if np.dtype(score_dtype).name not in SCORE_DTYPES:
@@ -90,7 +116,17 @@ def arrow_schema(token_dtype, id_dtype_, score_dtype, k_attr: int):
         pa.field("concept_ids", ids, nullable=False),
         pa.field("concept_scores", scores, nullable=False),
     ]
+    for name in sorted(extra or {}, key=_extra_order):
+        col = extra[name]
+        item = pa.field("item", pa.from_numpy_dtype(np.dtype(col["dtype"])), nullable=False)
+        fields.append(pa.field(name, pa.list_(item, int(col["width"])), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_KEY: str(TARGETS_SCHEMA_VERSION).encode()})
+
+
+def _extra_order(name: str) -> int:
+    if name not in EXTRA_COLUMNS:
+        raise CocomixError(f"unknown target column {name!r}; this cocomix knows {', '.join(EXTRA_COLUMNS)}")
+    return EXTRA_COLUMNS.index(name)
 
 
 def safe_path(folder: Path, relpath: str) -> Path:
@@ -109,3 +145,10 @@ def shard_column_views(batch, k_attr: int) -> tuple[np.ndarray, np.ndarray, np.n
     ids_NK = batch.column(1).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
     scores_NK = batch.column(2).flatten().to_numpy(zero_copy_only=True).reshape(n, k_attr)
     return tokens, ids_NK, scores_NK
+
+
+def extra_column_views(batch, extra: dict | None) -> dict[str, np.ndarray]:
+    """Zero-copy numpy views [n, width] of the optional columns of a record batch, by name."""
+    n = batch.num_rows
+    return {name: batch.column(name).flatten().to_numpy(zero_copy_only=True).reshape(n, int(col["width"]))
+            for name, col in (extra or {}).items()}

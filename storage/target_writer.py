@@ -47,14 +47,15 @@ class TargetWriter:
     """Context manager writing the shards of ``plan`` into ``out_dir`` (see the module docstring)."""
 
     def __init__(self, out_dir, *, meta: dict, plan: list[ShardSpec], k_attr: int, id_dtype, score_dtype,
-                 token_dtype, overwrite: bool = False) -> None:
+                 token_dtype, overwrite: bool = False, extra_columns: dict | None = None) -> None:
         self.out = Path(out_dir)
+        self.extra_columns = _jsonable(extra_columns or {})  #: optional columns (see target_schema), name -> record
         self.meta = _jsonable(meta)
         self.plan = list(plan)
         self.k_attr = int(k_attr)
         self.id_dtype, self.score_dtype, self.token_dtype = np.dtype(id_dtype), np.dtype(score_dtype), np.dtype(token_dtype)
         self.ignore_id = ignore_id(self.id_dtype)
-        self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr)
+        self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr, self.extra_columns)
         self._locks: dict[ShardSpec, int] = {}
         self._open_folder(overwrite)
 
@@ -65,6 +66,7 @@ class TargetWriter:
             "k_attr": self.k_attr, "ignore_id": self.ignore_id,
             "dtypes": {"token": self.token_dtype.name, "id": self.id_dtype.name, "score": self.score_dtype.name},
             "shards": [s.to_json() for s in self.plan],
+            **({"extra_columns": self.extra_columns} if self.extra_columns else {}),  # absent: as older folders
         }
 
     def _open_folder(self, overwrite: bool) -> None:
@@ -103,7 +105,7 @@ class TargetWriter:
         return [s for i, s in enumerate(self.plan) if i % world == rank and not self.is_done(s)]
 
     def _lock_path(self, spec: ShardSpec, suffix: str) -> Path:
-        return lock_path(self.out, spec.split, spec.index, suffix)
+        return lock_path(self.out, spec.split, spec.index, suffix, spec.offset)
 
     def claim(self, spec: ShardSpec) -> bool:
         """Take ``spec`` with a non-blocking exclusive lock; False if another process holds it or it is done."""
@@ -160,19 +162,20 @@ class TargetWriter:
             log.debug("stamp %s not written: %s", stamp, err)
 
     # ---- writing ----------------------------------------------------------------------------
-    def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores) -> dict:
-        """Write one shard (tokens [n], ids [n, k], scores [n, k]) atomically; returns its sidecar record."""
+    def write_shard(self, spec: ShardSpec, tokens, concept_ids, concept_scores, extra: dict | None = None) -> dict:
+        """Write one shard (tokens [n], ids [n, k], scores [n, k], each optional column [n, width]
+        in ``extra``) atomically; returns its sidecar record."""
         if spec not in self.plan:
             raise CocomixError(f"shard {spec} is not in the plan of {self.out}")
         if spec not in self._locks and not self.claim(spec):
             raise CocomixError(f"shard {spec.relpath} is held by another process or already done")
         try:
-            batch = self._batch(spec, tokens, concept_ids, concept_scores)
+            batch = self._batch(spec, tokens, concept_ids, concept_scores, extra or {})
             return self._write_batch(spec, batch)
         finally:
             self._release(spec)
 
-    def _batch(self, spec: ShardSpec, tokens, concept_ids, concept_scores):
+    def _batch(self, spec: ShardSpec, tokens, concept_ids, concept_scores, extra: dict):
         import pyarrow as pa
 
         n, k = spec.rows, self.k_attr
@@ -188,6 +191,17 @@ class TargetWriter:
             pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), k),
             pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1)), k),
         ]
+        if sorted(extra) != sorted(self.extra_columns):
+            raise CocomixError(f"shard {spec.relpath} got columns {sorted(extra)}, the plan has {sorted(self.extra_columns)}")
+        for field in self.schema.names[3:]:
+            col = self.extra_columns[field]
+            values = np.asarray(extra[field])
+            shape = (n, int(col["width"]))
+            if values.shape != shape:
+                raise CocomixError(f"{field} of {spec.relpath} has shape {values.shape}, expected {shape}")
+            dtype = np.dtype(col["dtype"])
+            values = _checked_ints(values, shape, dtype, field, spec) if dtype.kind == "u" else values.astype(dtype)
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), shape[1]))
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     def _check_latents(self, ids: np.ndarray, spec: ShardSpec) -> None:
@@ -227,16 +241,17 @@ class TargetWriter:
             **self._plan_record(), "format": FORMAT, "n_latents": (self.meta.get("sae") or {}).get("n_latents"),
             "splits": lengths, "shards": shards, "extra": _jsonable(extra or {}),
         }
-        for stale in self.out.glob("*/.*.tmp"):
+        for stale in [*self.out.glob("*/.*.tmp"), *self.out.glob("offset-*/*/.*.tmp")]:
             stale.unlink(missing_ok=True)  # left by killed writers; every shard is final by now
         atomic_write_json(self.out / MANIFEST, manifest)
         log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
         return self.out / MANIFEST
 
 
-def lock_path(out: Path, split: str, index: int, suffix: str) -> Path:
-    """``.locks/<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
-    return Path(out) / LOCKS / f"{split}-shard-{index:05d}{suffix}"
+def lock_path(out: Path, split: str, index: int, suffix: str, offset: int = 0) -> Path:
+    """``.locks/[offset-<r>-]<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
+    prefix = f"offset-{offset}-" if offset else ""
+    return Path(out) / LOCKS / f"{prefix}{split}-shard-{index:05d}{suffix}"
 
 
 def stamp_vouches(stamp: Path, shard: Path, sha256: str | None) -> bool:

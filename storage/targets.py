@@ -1,4 +1,4 @@
-"""Concept-target shards (DESIGN.md §3): the public API of the format.
+"""Concept-target shards (docs/ARCHITECTURE.md, formats): the public API of the format.
 
 The pieces live in :mod:`.target_schema` (schema, dtypes, plan), :mod:`.target_writer`
 and :mod:`.target_reader`; this module gathers them under one name.

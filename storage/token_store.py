@@ -1,4 +1,4 @@
-"""Read side of the token store (DESIGN.md §3): a Zarr v3 group, one subgroup per split.
+"""Read side of the token store (docs/ARCHITECTURE.md, formats): a Zarr v3 group, one subgroup per split.
 
 ::
 

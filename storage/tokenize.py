@@ -1,16 +1,23 @@
-"""``cocomix tokenize``: corpus -> Zarr token store (DESIGN.md §2-3), resumable.
+"""``cocomix tokenize``: corpus -> Zarr token store (docs/ARCHITECTURE.md, formats), resumable.
 
 Table of contents of :func:`run_tokenize`: resolve the corpus -> decide (fresh / resume /
 no-op / refuse) -> tokenizer (load or train) -> stream batches through the tokenizer ->
 append to the store, committing progress every few seconds -> mark complete -> summary.
 
-Split rule: document ``i`` goes to ``val`` when ``splitmix64(i ^ splitmix64(seed)) / 2**64 <
-val_fraction`` -- a pure function of (index, seed), so a resumed run assigns every document
-exactly as an uninterrupted one would.
+Split rules (``--split-rule``), both pure functions of the document index, so a resumed run
+assigns every document exactly as an uninterrupted one would:
+
+- ``hash``: document ``i`` goes to ``val`` when ``splitmix64(i ^ splitmix64(seed)) / 2**64 <
+  val_fraction`` (streams; needs no document count).
+- ``nanogpt`` (the default for ``--corpus openwebtext``): the official pipeline's split, nanoGPT's
+  ``prepare.py`` calling ``datasets``' ``train_test_split(test_size=0.0005, seed=2357, shuffle=True)``:
+  val = the first ``ceil(val_fraction * n_docs)`` indices of ``np.random.default_rng(seed).permutation(n_docs)``,
+  so validation perplexity is measured on the paper's documents (kept in corpus order here).
 """
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 COMMIT_SECONDS = 30.0
 SPLIT_RULE = "val if splitmix64(doc_index ^ splitmix64(seed)) / 2**64 < val_fraction"
+NANOGPT_RULE = ("val = np.random.default_rng(seed).permutation(n_docs)[:ceil(val_fraction * n_docs)] "
+                "(datasets train_test_split(test_size=val_fraction, seed=seed, shuffle=True), as nanoGPT's prepare.py)")
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -68,6 +77,38 @@ def val_mask(doc_index: np.ndarray, val_fraction: float, seed: int) -> np.ndarra
     return u.astype(np.float64) / float(1 << 53) < val_fraction
 
 
+class ValSplit:
+    """Which documents go to ``val`` under ``cfg.split_rule`` (see the module docstring)."""
+
+    def __init__(self, cfg: TokenizeConfig, corpus: Corpus):
+        self.cfg, self.is_val = cfg, None
+        if cfg.split_rule == "nanogpt":
+            n = corpus.n_docs if corpus.n_docs is not None else _count_documents(corpus)
+            self.n_docs = n
+            self.is_val = np.zeros(n, dtype=bool)
+            self.is_val[np.random.default_rng(cfg.seed).permutation(n)[:math.ceil(cfg.val_fraction * n)]] = True
+
+    def mask(self, doc_index: np.ndarray) -> np.ndarray:
+        if self.is_val is None:
+            return val_mask(doc_index, self.cfg.val_fraction, self.cfg.seed)
+        if len(doc_index) and doc_index[-1] >= len(self.is_val):
+            raise CocomixError(f"corpus {self.cfg.corpus} holds more than the {len(self.is_val)} documents it was counted "
+                               "with (it changed while tokenizing?); re-run with --overwrite")
+        return self.is_val[doc_index]
+
+    def record(self) -> dict:
+        """The rule as the store's attributes record it."""
+        if self.is_val is None:
+            return {"rule": SPLIT_RULE, "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed}
+        return {"rule": NANOGPT_RULE, "name": "nanogpt", "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed,
+                "n_docs": self.n_docs}
+
+
+def _count_documents(corpus: Corpus) -> int:
+    log.info("counting the documents of %s (the nanogpt split permutes all of them)", corpus.source)
+    return sum(1 for _ in corpus.documents())
+
+
 def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     t0 = time.monotonic()
     out = Path(cfg.out) if cfg.out else tokens_dir(workspace_root(cfg.workspace), cfg.corpus)
@@ -82,13 +123,14 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     if attrs is not None and not same:
         _refuse_or_clear(out, attrs, identity, cfg.overwrite)
         attrs = None
+    split = ValSplit(cfg, corpus)
     writer, tok = _resume(out) if attrs is not None else (None, None)
     if writer is None:
-        writer, tok = _create(cfg, corpus, out, identity)
+        writer, tok = _create(cfg, corpus, out, identity, split)
     resumed = writer.docs_done
     corpus.stats.replaced_bytes = int(writer.notes.get("replaced_bytes", 0))
     corpus.stats.bad_docs = int(writer.notes.get("bad_utf8_docs", 0))
-    _tokenize_all(cfg, corpus, writer, tok)
+    _tokenize_all(cfg, corpus, writer, tok, split)
     counts = _finish(writer, corpus, cfg)
     result = TokenizeResult(out, counts, len(tok), resumed_after_docs=resumed,
                             replaced_bytes=corpus.stats.replaced_bytes, seconds=time.monotonic() - t0)
@@ -106,7 +148,8 @@ def _identity(cfg: TokenizeConfig, corpus: Corpus) -> dict:
     return {
         "corpus": {"source": cfg.corpus, "fingerprint": corpus.fingerprint(), "text_field": cfg.text_field},
         "tokenizer": tokenizer,
-        "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed},
+        "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                  **({"rule": cfg.split_rule} if cfg.split_rule != "hash" else {})},  # hash stores predate the key
         "max_docs": cfg.max_docs,
     }
 
@@ -162,7 +205,7 @@ def _resume(out: Path) -> tuple[StoreWriter | None, object]:
     return StoreWriter.resume(out), bpe.load_tokenizer(str(out / TOKENIZER_DIR))
 
 
-def _create(cfg: TokenizeConfig, corpus: Corpus, out: Path, identity: dict) -> tuple[StoreWriter, object]:
+def _create(cfg: TokenizeConfig, corpus: Corpus, out: Path, identity: dict, split: ValSplit) -> tuple[StoreWriter, object]:
     if cfg.train_tokenizer is not None:
         docs = corpus.documents()
         if cfg.max_docs is not None:
@@ -173,12 +216,12 @@ def _create(cfg: TokenizeConfig, corpus: Corpus, out: Path, identity: dict) -> t
         tok = bpe.load_tokenizer(cfg.tokenizer or bpe.DEFAULT_TOKENIZER)
         name = cfg.tokenizer or bpe.DEFAULT_TOKENIZER
     dtype = token_dtype(len(tok))
-    writer = StoreWriter.create(out, _attrs(cfg, corpus, identity, tok, name, dtype), dtype, cfg.chunk_tokens, cfg.shard_tokens)
+    writer = StoreWriter.create(out, _attrs(cfg, corpus, identity, tok, name, dtype, split), dtype, cfg.chunk_tokens, cfg.shard_tokens)
     bpe.save_tokenizer(tok, out / TOKENIZER_DIR)
     return writer, tok
 
 
-def _attrs(cfg: TokenizeConfig, corpus: Corpus, identity: dict, tok, name: str, dtype: np.dtype) -> dict:
+def _attrs(cfg: TokenizeConfig, corpus: Corpus, identity: dict, tok, name: str, dtype: np.dtype, split: ValSplit) -> dict:
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -189,14 +232,14 @@ def _attrs(cfg: TokenizeConfig, corpus: Corpus, identity: dict, tok, name: str, 
         "dtype": dtype.name,
         "corpus": {"source": cfg.corpus, "kind": corpus.kind, "hub_name": corpus.hub_name,
                    "fingerprint": identity["corpus"]["fingerprint"], "text_field": cfg.text_field},
-        "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+        "split": split.record(),
         "chunk_tokens": cfg.chunk_tokens,
         "shard_tokens": cfg.shard_tokens,
         "counts": {},
     }
 
 
-def _tokenize_all(cfg: TokenizeConfig, corpus: Corpus, writer: StoreWriter, tok) -> None:
+def _tokenize_all(cfg: TokenizeConfig, corpus: Corpus, writer: StoreWriter, tok, split: ValSplit) -> None:
     """Stream every remaining document into the store, committing every COMMIT_SECONDS."""
     start = writer.docs_done
     limit = None if cfg.max_docs is None else max(cfg.max_docs - start, 0)
@@ -206,7 +249,7 @@ def _tokenize_all(cfg: TokenizeConfig, corpus: Corpus, writer: StoreWriter, tok)
     last_commit = time.monotonic()
     with TokenizeProgress(total, start) as bar, deferred_interrupt() as interrupted:
         for batch in encode_stream(batches, encoder_args, cfg.num_proc):
-            is_val = val_mask(np.arange(batch.first, batch.first + len(batch.ids)), cfg.val_fraction, cfg.seed)
+            is_val = split.mask(np.arange(batch.first, batch.first + len(batch.ids)))
             for ids, val in zip(batch.ids, is_val):
                 writer.add("val" if val else "train", ids)
             writer.documents_consumed(len(batch.ids))

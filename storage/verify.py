@@ -76,11 +76,23 @@ def _verify_shard(reader: TargetReader, entry: dict, store: TokenStore | None) -
     valid = ids != reader.ignore_id
     if reader.n_latents and (ids[valid] >= reader.n_latents).any():
         raise IntegrityError(f"shard {entry['path']} holds concept ids >= n_latents {reader.n_latents}")
+    _verify_extra(reader, entry, shard.extra)
     if store is not None:
         expected = store.split(entry["split"]).read(entry["start"], entry["end"])
         if len(expected) != len(shard.tokens) or not np.array_equal(expected, shard.tokens):
             first = int(np.argmax(expected != shard.tokens)) if len(expected) == len(shard.tokens) else 0
             raise IntegrityError(f"shard {entry['path']}: token column differs from the token store at row {first} (token {entry['start'] + first} of split {entry['split']!r})")
+
+
+def _verify_extra(reader: TargetReader, entry: dict, extra: dict) -> None:
+    """KD ids must be token ids of the vocabulary; stored hidden states must be finite."""
+    vocab = reader.meta.get("vocab_size")
+    kd = extra.get("kd_ids")
+    if kd is not None and vocab is not None and kd.size and int(kd.max()) >= int(vocab):
+        raise IntegrityError(f"shard {entry['path']} holds kd_ids up to {int(kd.max())}, outside the vocabulary of {vocab}")
+    hidden = extra.get("hidden")
+    if hidden is not None and not np.isfinite(hidden).all():
+        raise IntegrityError(f"shard {entry['path']} holds non-finite hidden states (float16 overflow or a diverged teacher)")
 
 
 def verify_token_store(path: Path) -> VerifyResult:

@@ -48,7 +48,7 @@ def write_openai_sae(state: dict, path: Path) -> Path:
 
 
 def write_saelens_folder(state: dict, folder: Path, *, layer: int = 1) -> Path:
-    """The same weights as a SAELens folder (name mapping from anchors/sae.md)."""
+    """The same weights as a SAELens folder (SAELens names: W_enc, W_dec, b_enc, b_dec)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

@@ -1,11 +1,12 @@
 """Fidelity of the efficient attribution against plain implementations of the official formula.
 
-The reference follows RAM ``projects/cocomix/models/concept_extractor.py``: the whole
-teacher forward, ``loss.backward()`` with every parameter requiring grad (the gradient of
-the hooked activation captured with ``retain_grad``), the OpenAI SAE encode written out
-from the state dict, the dense ``(grad_x @ decoder.weight) * latents`` and ``torch.topk``
-over all latents. Every slot with a positive score must be identical; every other slot
-must be ``ignore_id`` (the fix of DESIGN.md §4.6).
+The reference (:mod:`cocomix.stage1_extract.official`, shared with ``bench/extract.py``) follows
+RAM ``projects/cocomix/models/concept_extractor.py``: the whole teacher forward (HF GPT-2, and
+the official code's own TransformerLens teacher), ``loss.backward()`` with every parameter
+requiring grad, the OpenAI SAE encode written out from the state dict, the dense
+``(grad_x @ decoder.weight) * latents`` and ``torch.topk`` over all latents. Every slot with a
+positive score must be identical; every other slot must be ``ignore_id`` (the deliberate
+difference from the official code).
 """
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cocomix.stage1_extract import attribution as attr
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
+from cocomix.stage1_extract.official import (
+    hf_grad,
+    official_attribution,
+    official_labels,
+    tl_grad,
+    tl_teacher_from_hf,
+)
+from cocomix.stage1_extract.official import (
+    openai_encode as official_encode,
+)
 from cocomix.stage1_extract.sae import TopKSAE
 from cocomix.stage1_extract.teacher import load_teacher
 
@@ -45,40 +55,9 @@ def sae(openai_sae_state):
     return sae_from_state(openai_sae_state)
 
 
-def official_encode(state: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """openai/sparse_autoencoder ``Autoencoder.encode`` with TopK + ReLU: (dense latents, pre-activations)."""
-    mu = x.mean(-1, keepdim=True)
-    x = x - mu
-    std = x.std(-1, keepdim=True)
-    x = x / (std + 1e-5)
-    pre = F.linear(x - state["pre_bias"], state["encoder.weight"], state["latent_bias"])
-    k = state["activation_state_dict"]["k"]
-    vals, idx = torch.topk(pre, k, dim=-1)
-    latents = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
-    return latents, pre
-
-
 def official_grad(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hooked activation and its gradient from a full forward and ``loss.backward()`` (params require grad)."""
-    model = copy.deepcopy(model).requires_grad_(True)
-    cache = {}
-
-    def hook(module, inputs, output):
-        output.retain_grad()
-        cache["x"] = output
-
-    handle = model.transformer.h[layer].register_forward_hook(hook)
-    logits = model(ids).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))  # official mean CE
-    loss.backward()
-    handle.remove()
-    assert model.lm_head.weight.grad is not None  # the official path really computes parameter gradients
-    return cache["x"].detach(), cache["x"].grad.detach()
-
-
-def official_labels(dense_scores: torch.Tensor, k_attr: int) -> tuple[torch.Tensor, torch.Tensor]:
-    vals, idx = torch.topk(dense_scores, k_attr, dim=-1)
-    return vals, idx
+    return hf_grad(model, ids, layer)
 
 
 def assert_same_labels(got_ids, got_scores, ref_vals, ref_idx, score_scale=1.0):
@@ -206,3 +185,18 @@ def test_bf16_autocast_path_runs_and_agrees(teacher, sae):
     torch.testing.assert_close(bf16.loss_B, fp32.loss_B, rtol=2e-2, atol=1e-3)
     valid = fp32.ids_BTA != IGNORE
     assert (bf16.ids_BTA[valid] == fp32.ids_BTA[valid]).float().mean() > 0.9
+
+
+def test_labels_equal_the_official_extractor_on_its_transformerlens_teacher(teacher, sae, openai_sae_state):
+    """The official code's own path: a TransformerLens HookedTransformer made from the same HF weights
+    (LayerNorms folded, writing weights centred, as ``from_pretrained``), fwd/bwd hooks on
+    ``hook_resid_post``, OpenAI's SAE formulas. Every positive slot equal, every other ignore_id."""
+    tl_model = tl_teacher_from_hf(teacher.model)
+    ids = windows(3, 48, seed=10)
+    x, g = tl_grad(tl_model, ids, LAYER)
+    assert next(iter(p.grad for p in tl_model.parameters() if p.grad is not None)) is not None  # parameter grads, as official
+    vals, idx = official_attribution(openai_sae_state, x, g, 4)
+    got = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, k_attr=4, ignore_id=IGNORE))
+    assert_same_labels(got.ids_BTA, got.scores_BTA, vals, idx, score_scale=ids.shape[0])
+    hf_x, _ = hf_grad(teacher.model, ids, LAYER)
+    assert not torch.allclose(x, hf_x)  # TransformerLens centred the residual stream: really another teacher path

@@ -252,7 +252,8 @@ def test_window_longer_than_teacher_context(tmp_path, token_store, teacher_dir, 
 
 
 @pytest.mark.parametrize("flags, name", [(dict(dtype="fp8"), "--dtype"), (dict(batch_size=0), "--batch-size"),
-                                         (dict(device="tpu"), "--device"), (dict(splits=" , "), "--splits")])
+                                         (dict(device="tpu"), "--device"), (dict(splits=" , "), "--splits"),
+                                         (dict(offsets=0), "--offsets"), (dict(offsets=33, window=32), "--offsets")])
 def test_bad_flags_name_the_flag(tmp_path, flags, name):
     with pytest.raises(ConfigError, match=name):
         ExtractConfig(tokens="x", **flags)
@@ -266,3 +267,15 @@ def test_float16_scores(tmp_path, val_targets, token_store, teacher_dir, openai_
     assert half.concept_scores.dtype == np.float16
     assert np.array_equal(half.concept_ids, full.concept_ids)
     np.testing.assert_allclose(half.concept_scores, full.concept_scores, rtol=1e-2, atol=1e-4)
+
+
+def test_another_offset_count_is_refused_unless_overwrite(tmp_path, val_targets, token_store, teacher_dir, openai_sae_file):
+    """A finished one-set folder (as every folder made before offsets existed) reads as offset 0; asking it for
+    more offsets is another set of labels: refused naming the difference, unless --overwrite."""
+    import shutil
+
+    out = tmp_path / "t"
+    shutil.copytree(val_targets[0], out)
+    assert TargetReader.open(out).offsets == [0] and "offsets" not in TargetReader.open(out).meta
+    with pytest.raises(MismatchError, match="offsets"):
+        run_extract(config(token_store, teacher_dir, openai_sae_file, out, splits="val", offsets=2))

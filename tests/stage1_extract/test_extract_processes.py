@@ -31,33 +31,42 @@ def reference(tmp_path_factory, token_store, teacher_dir, sae, **kw) -> Path:
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/shard-*.arrow"))}
+    """Every shard of every label set (offset 0 in ``<split>/``, the others in ``offset-<r>/<split>/``)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("**/shard-*.arrow"))}
 
 
 def env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
-def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
-    flags = ["--windows-per-shard", "1", "--batch-size", "1", "--splits", "val", "--window", "32"]
+@pytest.mark.parametrize("offsets", [1, 3])
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file, offsets):
+    """Killed in the first label set (one offset) or in the middle of a later one (three offsets); labels,
+    KD samples and hidden states alike (the KD draws are seeded by position)."""
+    wps = 1 if offsets == 1 else 2
+    flags = ["--windows-per-shard", str(wps), "--batch-size", "1", "--splits", "val", "--window", "32", "--offsets", str(offsets),
+             "--kd-samples", "4", "--store-hidden"]
     out = tmp_path / "t"
     proc = subprocess.Popen([sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("val/shard-*.arrow")):
+    kill_after = "val/shard-*.arrow" if offsets == 1 else "offset-*/val/shard-*.arrow"
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob(kill_after)):
         time.sleep(0.01)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    done_before = len(list(out.glob("val/shard-*.json")))  # a shard counts once its sidecar is written
+    done_before = len(list(out.glob("**/val/shard-*.json")))  # a shard counts once its sidecar is written
     rerun = subprocess.run([sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)],
                            env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     manifest = TargetReader.open(out, verify=True).manifest
     assert manifest["extra"]["shards_computed"] == manifest["extra"]["shards_total"] - done_before > 0
-    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=1, batch_size=1, splits="val", window=32)
-    assert shard_bytes(out) == shard_bytes(ref)
+    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=wps, batch_size=1, splits="val",
+                    window=32, offsets=offsets, kd_samples=4, store_hidden=True)
+    assert len(shard_bytes(ref)) == len(manifest["shards"]) and shard_bytes(out) == shard_bytes(ref)
+    assert TargetReader.open(out).offsets == TargetReader.open(ref).offsets and len(TargetReader.open(out).offsets) == offsets
 
 
 def test_two_ranks_under_torchrun_equal_one_process(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):

@@ -1,4 +1,4 @@
-"""The SAE fixtures write what the anchors describe (the other stage-1 tests rely on them)."""
+"""The SAE fixtures write the layouts docs/ARCHITECTURE.md describes (the other stage-1 tests rely on them)."""
 import json
 
 import torch

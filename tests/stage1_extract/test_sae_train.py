@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage1_extract import sae_train as st
 from cocomix.stage1_extract.config import SaeTrainConfig
-from cocomix.stage1_extract.sae import layernorm_unbiased, scatter_latents
+from cocomix.stage1_extract.sae import layernorm_unbiased
 from cocomix.stage1_extract.sae_io import load_sae
 from cocomix.stage1_extract.sae_stream import shuffled_batches, window_batches
 

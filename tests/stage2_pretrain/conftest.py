@@ -2,8 +2,8 @@
 
 Labels are random latent ids below ``N_LATENTS`` with about a fifth of the slots set to
 ``ignore_id``; the meta follows the contract stage 1 writes (teacher, tokenizer, SAE, ...).
-Extraction windows of 64 tokens and shards of 8 windows make 128-token training windows
-cross shard boundaries.
+Extraction windows of 128 tokens (the ``tiny`` preset's context) in shards of 2 windows make
+shifted training windows cross shard boundaries; ``offsets`` adds label sets of shifted windows.
 """
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ N_LATENTS = 96
 K_ATTR = 4
 
 
-def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_attr: int = K_ATTR, window: int = 64,
-                  windows_per_shard: int = 8, seed: int = 0, ignore_frac: float = 0.2, meta_update: dict | None = None) -> Path:
-    """Fill a target folder for every split of the store with seeded random labels."""
+def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_attr: int = K_ATTR, window: int = 128,
+                  windows_per_shard: int = 2, offsets: list[int] | None = None, seed: int = 0, ignore_frac: float = 0.2,
+                  meta_update: dict | None = None, kd_samples: int = 0, hidden_dim: int = 0) -> Path:
+    """Fill a target folder for every split of the store with seeded random labels (and, when asked,
+    random ``kd_ids`` below the vocabulary and random float16 ``hidden`` states)."""
+    from cocomix.storage.target_schema import extra_column
     from cocomix.storage.targets import TargetWriter, id_dtype, ignore_id, plan_shards
     from cocomix.storage.token_store import TokenStore
 
@@ -32,18 +35,29 @@ def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_
                 "location": "resid_post", "normalize": True},
         "selection": "attribution", "attribution_input": "latents", "k_attr": k_attr, "window": window,
         "tokens": store.provenance(),
+        **({"offsets": {"rule": "given", "seed": 0, "count": len(offsets), "values": offsets}} if offsets else {}),
         **(meta_update or {}),
     }
-    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window, windows_per_shard)
+    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window, windows_per_shard, offsets or [0])
+    extra = {}
+    if kd_samples:
+        extra["kd_ids"] = extra_column(store.dtype, kd_samples, samples=kd_samples, rule="synthetic")
+    if hidden_dim:
+        extra["hidden"] = extra_column(np.float16, hidden_dim, layer=1)
     rng = np.random.default_rng(seed)
     with TargetWriter(out, meta=meta, plan=plan, k_attr=k_attr, id_dtype=ids_dt, score_dtype=np.float32,
-                      token_dtype=store.dtype) as writer:
+                      token_dtype=store.dtype, extra_columns=extra) as writer:
         for spec in writer.pending():
             n = spec.end - spec.start
             ids_NK = rng.integers(0, n_latents, size=(n, k_attr)).astype(ids_dt)
             ids_NK[rng.random((n, k_attr)) < ignore_frac] = ignore_id(ids_dt)
             scores_NK = rng.random((n, k_attr)).astype(np.float32)
-            writer.write_shard(spec, store.split(spec.split).read(spec.start, spec.end), ids_NK, scores_NK)
+            columns = {}
+            if kd_samples:
+                columns["kd_ids"] = rng.integers(0, store.vocab_size, size=(n, kd_samples))
+            if hidden_dim:
+                columns["hidden"] = rng.standard_normal((n, hidden_dim)).astype(np.float16)
+            writer.write_shard(spec, store.split(spec.split).read(spec.start, spec.end), ids_NK, scores_NK, columns)
         writer.finalize()
     return out
 
@@ -51,6 +65,12 @@ def write_targets(store_path: Path, out: Path, *, n_latents: int = N_LATENTS, k_
 @pytest.fixture(scope="session")
 def targets_dir(tmp_path_factory, token_store) -> Path:
     return write_targets(token_store, tmp_path_factory.mktemp("targets") / "targets")
+
+
+@pytest.fixture(scope="session")
+def full_targets_dir(tmp_path_factory, token_store) -> Path:
+    """Targets with every column: labels, 5 KD samples per position, 24-wide teacher hidden states."""
+    return write_targets(token_store, tmp_path_factory.mktemp("targets_full") / "targets", kd_samples=5, hidden_dim=24)
 
 
 @pytest.fixture(scope="session")

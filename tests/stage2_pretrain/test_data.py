@@ -35,7 +35,7 @@ def test_order_is_a_function_of_the_seed():
 def test_take_crosses_epochs_and_state_continues():
     order = WindowOrder(1000, 64, seed=0)
     n0 = len(order.starts(0))
-    got, state = order.take(DataState(0, n0 - 3), 10)
+    got, state = order.take(DataState(0, n0 - 3, order.offset(0)), 10)
     assert np.array_equal(got, np.concatenate([order.starts(0)[-3:], order.starts(1)[:7]]))
     assert (state.epoch, state.position, state.offset) == (1, 7, order.offset(1))
     again, _ = order.take(DataState.from_dict(state.to_dict()), 5)
@@ -70,13 +70,14 @@ def test_resume_from_state_sees_the_same_batches(token_store):
     assert straight[-1].state.epoch >= 1
 
 
-def test_labels_are_read_at_the_window_positions(token_store, targets_dir):
-    """Tokens equal the store's; labels equal the shards' rows at the same positions; int64 with ignore ids."""
+def test_free_windows_read_offset_0_labels_at_the_shifted_positions(token_store, targets_dir):
+    """--label-windows free: tokens equal the store's; labels equal the offset-0 set's rows at the same
+    positions; int64 with ignore ids."""
     from cocomix.storage.targets import TargetReader
     from cocomix.storage.token_store import TokenStore
 
     store, reader = TokenStore.open(token_store), TargetReader.open(targets_dir)
-    stream = _stream(TargetSource(reader, "train"), micro=4, accum=1)
+    stream = _stream(TargetSource(reader, "train", aligned=False), micro=4, accum=1)
     batch = stream.next_step(DataState())
     starts, _ = stream.order.take(DataState(), 4)
     mb = batch.micro_batches[0]
@@ -94,8 +95,8 @@ def test_store_tokens_equal_shard_token_column(token_store, targets_dir):
     from cocomix.storage.token_store import TokenStore
 
     store, reader = TokenStore.open(token_store), TargetReader.open(targets_dir)
-    a = _stream(TargetSource(reader, "train")).next_step(DataState())
-    b = _stream(TargetSource(reader, "train", store.split("train"))).next_step(DataState())
+    a = _stream(TargetSource(reader, "train"), offsets=reader.offsets).next_step(DataState())
+    b = _stream(TargetSource(reader, "train", store.split("train")), offsets=reader.offsets).next_step(DataState())
     assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a.micro_batches, b.micro_batches))
 
 
@@ -137,3 +138,115 @@ def test_val_windows_are_non_overlapping_and_cover_the_split():
     assert spans == [(0, 128), (128, 256), (256, 300)]
     assert val_starts(300, 128, max_windows=2) == [(0, 128), (128, 256)]
     assert val_starts(257, 128) == [(0, 128), (128, 256)]  # a 1-token tail predicts nothing
+
+
+def test_other_target_columns_are_batched_by_name_at_the_window_positions(full_targets_dir):
+    """``kd_ids`` (int64) and ``hidden`` (float16) come with the tokens, read at the same rows; a source
+    asked for them only carries no ``concept_ids``."""
+    from cocomix.storage.targets import TargetReader
+
+    reader = TargetReader.open(full_targets_dir)
+    stream = _stream(TargetSource(reader, "train", columns=("kd_ids", "hidden")), micro=2, accum=1, offsets=reader.offsets)
+    mb = stream.next_step(DataState()).micro_batches[0]
+    starts, _ = stream.order.take(DataState(), 2)
+    assert mb.concept_ids is None and set(mb.extra) == {"kd_ids", "hidden"}
+    assert mb.extra["kd_ids"].dtype == torch.int64 and mb.extra["kd_ids"].shape == (2, 128, 5)
+    assert mb.extra["hidden"].dtype == torch.float16 and mb.extra["hidden"].shape == (2, 128, 24)
+    for i, s in enumerate(starts.tolist()):
+        w = reader.window("train", s, s + 128)  # 128-token windows cross the 512-token shards
+        assert np.array_equal(mb.extra["kd_ids"][i].numpy(), w.extra["kd_ids"].astype(np.int64))
+        assert np.array_equal(mb.extra["hidden"][i].numpy(), w.extra["hidden"])
+
+
+# ---- aligned label windows: every window reads the label set of its own offset ----------------
+
+SETS = [0, 37, 101]  # window offsets with a label set (extract --offsets 3 spreads them like this)
+
+
+@pytest.fixture(scope="module")
+def offset_targets(tmp_path_factory, token_store, make_targets):
+    return make_targets(token_store, tmp_path_factory.mktemp("offsets") / "t", offsets=SETS, seed=3)
+
+
+def test_aligned_epochs_take_a_new_offset_of_the_set_each_epoch():
+    order = WindowOrder(5000, 128, seed=4, offsets=SETS)
+    for cycle in range(3):
+        epochs = range(cycle * 3, cycle * 3 + 3)
+        assert sorted(order.offset(e) for e in epochs) == SETS  # fresh windows in every epoch of a cycle
+        for e in epochs:
+            r = order.offset(e)
+            assert sorted(order.starts(e).tolist()) == [r + i * 128 for i in range((5000 - r) // 128)]
+    assert [order.offset(e) for e in range(3)] != [order.offset(e) for e in range(3, 6)] or \
+        [order.offset(e) for e in range(6, 9)] != [order.offset(e) for e in range(3)]  # the permutation is redrawn
+    assert {WindowOrder(5000, 128, seed=4, offsets=[0]).offset(e) for e in range(10)} == {0}  # one set: unshifted
+
+
+def test_aligned_windows_read_the_label_set_of_their_offset(token_store, offset_targets):
+    """Across epochs, every window [i*T + r, (i+1)*T + r) carries set r's rows (not set 0's), tokens from the store."""
+    from cocomix.storage.targets import TargetReader
+    from cocomix.storage.token_store import TokenStore
+
+    store, reader = TokenStore.open(token_store), TargetReader.open(offset_targets)
+    assert reader.offsets == SETS and reader.window_length == 128
+    stream = _stream(TargetSource(reader, "train"), micro=4, accum=1, offsets=reader.offsets)
+    state, seen = DataState(), set()
+    while state.epoch < 4:
+        starts, _ = stream.order.take(state, 4)
+        batch = stream.next_step(state)
+        mb = batch.micro_batches[0]
+        for i, s in enumerate(starts.tolist()):
+            r = s % 128
+            seen.add(r)
+            assert r in SETS
+            assert np.array_equal(mb.input_ids[i].numpy(), store.split("train").read(s, s + 128))
+            want = reader.window("train", s, s + 128, offset=r).concept_ids.astype(np.int64)
+            assert np.array_equal(mb.concept_ids[i].numpy(), want)
+            if r:
+                assert not np.array_equal(want, reader.window("train", s, s + 128).concept_ids)
+        state = batch.state
+    assert seen == set(SETS)
+
+
+def test_aligned_resume_continues_with_the_same_windows_and_labels(offset_targets):
+    from cocomix.storage.targets import TargetReader
+
+    reader = TargetReader.open(offset_targets)
+    stream = _stream(TargetSource(reader, "train"), offsets=reader.offsets)
+    straight = [b for _, b in zip(range(12), stream.steps(DataState()))]
+    state = DataState.from_dict(straight[5].state.to_dict())
+    assert state.offset == stream.order.offset(state.epoch)
+    resumed = [b for _, b in zip(range(6), stream.steps(state))]
+    for a, b in zip(straight[6:], resumed):
+        for ma, mb in zip(a.micro_batches, b.micro_batches):
+            assert torch.equal(ma.input_ids, mb.input_ids) and torch.equal(ma.concept_ids, mb.concept_ids)
+    with pytest.raises(CocomixError, match="--label-windows"):  # a state from other windows is refused
+        stream.order.take(DataState(state.epoch, max(state.position, 1), state.offset + 1), 1)
+
+
+def test_old_single_set_folders_read_as_offset_0(targets_dir):
+    from cocomix.storage.targets import TargetReader
+
+    reader = TargetReader.open(targets_dir)
+    assert "offsets" not in reader.meta and reader.offsets == [0]
+    stream = _stream(TargetSource(reader, "train"), offsets=reader.offsets)
+    starts, _ = stream.order.take(DataState(), 40)  # crosses epochs
+    assert (starts % 128 == 0).all()
+    with pytest.raises(CocomixError, match="offset 37"):
+        reader.window("train", 37, 37 + 128, offset=37)
+
+
+def test_targets_on_other_windows_or_unservable_offsets_are_refused(tmp_path, token_store, make_targets, offset_targets):
+    from types import SimpleNamespace
+
+    from cocomix.stage2_pretrain.inputs import check_label_windows
+    from cocomix.storage.targets import TargetReader
+
+    short = TargetReader.open(make_targets(token_store, tmp_path / "w64", window=64, windows_per_shard=4))
+    for mode in ("aligned", "free"):
+        with pytest.raises(MismatchError, match=r"64-token windows.*extract --window 128 --offsets"):
+            check_label_windows(short, tmp_path / "w64", 128, "tiny", mode)
+    check_label_windows(TargetReader.open(offset_targets), offset_targets, 128, "tiny", "aligned")
+    tiny = SimpleNamespace(window_length=128, offsets=[0, 100], split_length=lambda split: 200)
+    with pytest.raises(MismatchError, match=r"offsets \[100\].*--label-windows free"):
+        check_label_windows(tiny, tmp_path, 128, "tiny", "aligned")
+    check_label_windows(tiny, tmp_path, 128, "tiny", "free")

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from generate_utils import CONTEXT, V, cocomix, ntp, prompt
+from generate_utils import CONTEXT, C, L, V, cocomix, ntp, prompt
 from torch.testing import assert_close
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -16,6 +16,7 @@ from cocomix.stage2_pretrain.generate import (FullDecoder, HFDecoder, Sampling, 
                                               run_generate, sample_next)
 from cocomix.stage2_pretrain.generate_config import GenerateConfig
 from cocomix.stage2_pretrain.kv_cache import InterleavedDecoder
+from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)  # fp32: cached and uncached differ only in summation order
 runner = CliRunner()
@@ -184,19 +185,24 @@ def test_full_decoder_is_the_models_forward():
         assert torch.equal(FullDecoder(model)(ids), model(ids).logits)
 
 
-def test_a_student_interleaving_a_learned_vector_reuses_the_decoder():
+def test_the_pause_student_decodes_with_the_same_cache():
     """Pause-token students interleave one learned vector instead of the concept: same cache, other ``insert``."""
-    from cocomix.stage2_pretrain.model import ConceptStep
+    from cocomix.stage2_pretrain.model_pause import PauseConfig, PauseForCausalLM
 
-    model, pause_D = cocomix(), torch.randn(32)
-
-    class Pause(torch.nn.Module):  # the uncached reference: the model's forward with the vector interleaved
-        def forward(self, h_BTD, ids_BTK=None):
-            return ConceptStep(None, None, None, pause_D.expand_as(h_BTD))
-
-    model.concept = Pause()
-    cached = InterleavedDecoder(model, lambda h_BND: pause_D.expand_as(h_BND))
-    kw = dict(max_new_tokens=10, sampling=Sampling(temperature=0), keep_logits=True)
-    a, b = generate(cached, prompt(), **kw), generate(FullDecoder(model), prompt(), **kw)
-    for x, y in zip(a.logits, b.logits, strict=True):
+    torch.manual_seed(0)
+    model = PauseForCausalLM(PauseConfig(vocab_size=V, n_positions=CONTEXT, n_embd=32, n_layer=3, n_head=4, insert_layer=1)).eval()
+    assert isinstance(make_decoder(model), InterleavedDecoder)
+    cached, full = run_both(model, Sampling(temperature=0), n=12)
+    for x, y in zip(cached.logits, full.logits, strict=True):
         assert_close(x, y, **TIGHT)
+
+
+@pytest.mark.parametrize("mix", ["add", "none"])
+def test_ablations_that_do_not_interleave_decode_without_cache(mix):
+    torch.manual_seed(0)
+    cfg = CoCoMixConfig(vocab_size=V, n_positions=CONTEXT, n_embd=32, n_layer=3, n_head=4, insert_layer=1, n_latents=L,
+                        k_concept=C, mix=mix)
+    model = CoCoMixForCausalLM(cfg).eval()
+    assert isinstance(make_decoder(model, cache=True), FullDecoder)
+    out = generate(make_decoder(model), prompt(), max_new_tokens=4, sampling=Sampling(temperature=0))
+    assert out.new_ids_BT.shape == (1, 4)

@@ -1,4 +1,4 @@
-"""The CoCoMix student against DESIGN.md §5 and the official model (tiny shapes, CPU)."""
+"""The CoCoMix student against the official model (tiny shapes, CPU)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Presets pinned to DESIGN.md §5, model construction, and matched active parameter counts."""
+"""Presets pinned to the paper's table, model construction, and matched active parameter counts."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ from cocomix.stage2_pretrain.presets import (
     PAPER_LATENTS, PAPER_VOCAB, PRESETS, build_model, count_on_meta, count_params, get_preset, match_ntp_width,
 )
 
-# DESIGN.md §5: size -> (cocomix d, ntp d, layers, heads, insert layer, lr, min lr, batch tokens, steps)
+# the paper's table: size -> (cocomix d, ntp d, layers, heads, insert layer, lr, min lr, batch tokens, steps)
 TABLE = {
     "69m": (512, 624, 8, 8, 3, 6e-4, 6e-5, 512 * 1024, 40_000),
     "386m": (1024, 1072, 24, 16, 5, 3e-4, 3e-5, 512 * 1024, 40_000),

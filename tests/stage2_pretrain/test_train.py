@@ -103,9 +103,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     real, calls = train_mod.forward_backward, []
 
     def poisoned(run, batch):
-        ntp, concept = real(run, batch)
+        parts = real(run, batch)
         calls.append(1)
-        return (ntp * float("nan"), concept) if len(calls) == 3 else (ntp, concept)
+        return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == 3 else parts
 
     monkeypatch.setattr(train_mod, "forward_backward", poisoned)
     with pytest.raises(CocomixError, match="non-finite loss at step 3"):
@@ -179,6 +179,8 @@ def test_resume_refuses_flags_and_data_the_checkpoint_fixed(tmp_path, token_stor
         pretrain(run, token_store, targets_dir, lr=0.5, **resume)
     with pytest.raises(ConfigError, match="--width was"):
         pretrain(run, token_store, targets_dir, width=128, **resume)
+    with pytest.raises(ConfigError, match="--label-windows was aligned"):
+        pretrain(run, token_store, targets_dir, label_windows="free", **resume)
     other = make_targets(token_store, tmp_path / "other-targets", seed=1)
     with pytest.raises(ConfigError, match="--targets holds other data"):
         pretrain(run, token_store, other, **resume)
@@ -273,3 +275,21 @@ def test_a_tracker_that_cannot_start_is_one_line():
 def test_bad_numbers_name_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         PretrainConfig(**kw)
+
+
+def test_targets_of_another_window_length_are_refused_naming_the_extract_fix(tmp_path, token_store, make_targets):
+    from cocomix.pipeline.errors import MismatchError
+
+    short = make_targets(token_store, tmp_path / "w64", window=64, windows_per_shard=4)
+    with pytest.raises(MismatchError, match=r"64-token windows, but --size tiny trains on 128.*cocomix extract --window 128 --offsets N"):
+        pretrain(tmp_path / "run", token_store, short, max_steps=1)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_free_label_windows_ablation_trains_and_records_itself(tmp_path, token_store, make_targets):
+    """Aligned and free runs on a 2-offset folder both train; their first batches differ only where free shifts."""
+    two = make_targets(token_store, tmp_path / "two", offsets=[0, 64])
+    aligned = pretrain(tmp_path / "a", token_store, two, max_steps=2, eval_every=0, save_every=0)
+    free = pretrain(tmp_path / "f", token_store, two, max_steps=2, eval_every=0, save_every=0, label_windows="free")
+    assert json.loads((free.out / "run.json").read_text())["config"]["label_windows"] == "free"
+    assert json.loads((aligned.out / "run.json").read_text())["config"]["label_windows"] == "aligned"

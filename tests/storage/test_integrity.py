@@ -67,7 +67,7 @@ def test_truncated_chunk_file_is_an_integrity_error(store, size, capfd):
 
 
 @pytest.fixture
-def copy(tmp_path, targets):
+def copy(tmp_path, targets):  # noqa: F811 - the fixture imported above
     shutil.copytree(targets, tmp_path / "t", copy_function=shutil.copy2)
     return tmp_path / "t"
 

@@ -11,7 +11,7 @@ from test_targets import K, N_LATENTS, make_meta, open_writer, synthetic_labels,
 from cocomix.pipeline.errors import CocomixError, IntegrityError
 from cocomix.storage.config import InspectConfig, VerifyConfig
 from cocomix.storage.inspect import run_inspect
-from cocomix.storage.targets import TargetReader, plan_shards
+from cocomix.storage.targets import TargetReader, TargetWriter, id_dtype, plan_shards
 from cocomix.storage.token_store import TokenStore
 from cocomix.storage.verify import run_verify
 
@@ -169,3 +169,50 @@ def test_cli_verify_exits_non_zero_naming_the_shard(copy):
     result = CliRunner().invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2
     assert SHARD in result.output
+
+
+# ---- a folder with several label sets (extract --offsets) -------------------------------------
+
+OFFSETS = [0, 23]
+
+
+@pytest.fixture
+def offset_targets(tmp_path, token_store):
+    """Two label sets of 64-token windows: offset 0 in <split>/, offset 23 in offset-23/<split>/."""
+    store = TokenStore.open(token_store)
+    plan = plan_shards({s: len(store.split(s)) for s in store.splits}, window=64, windows_per_shard=5, offsets=OFFSETS)
+    meta = {**make_meta(store), "offsets": {"rule": "stratified", "seed": 0, "count": 2, "values": OFFSETS}}
+    out = tmp_path / "t"
+    with TargetWriter(out, meta=meta, plan=plan, k_attr=K, id_dtype=id_dtype(N_LATENTS), score_dtype="float32",
+                      token_dtype=store.dtype) as w:
+        write_all(w, store)
+        w.finalize()
+    return out
+
+
+def test_every_label_set_is_verified_and_inspected(offset_targets, token_store, capsys):
+    manifest = json.loads((offset_targets / "manifest.json").read_text())
+    later = [e for e in manifest["shards"] if e.get("offset") == 23]
+    assert later and all(e["path"].startswith("offset-23/") and e["start"] >= 23 for e in later)
+    assert min(e["start"] for e in later if e["split"] == "val") == 23
+    assert run_verify(VerifyConfig(path=str(offset_targets), tokens=str(token_store))).items == len(manifest["shards"])
+    run_inspect(InspectConfig(path=str(offset_targets), json=True, samples=0))
+    assert json.loads(capsys.readouterr().out)["window_offsets"] == {"values": "0, 23", "rule": "stratified", "seed": 0, "window": 64}
+    reader = TargetReader.open(offset_targets)
+    assert reader.offsets == OFFSETS
+    with pytest.raises(IndexError, match="offset 23"):
+        reader.window("train", 0, 64, offset=23)  # set 23 has no rows before token 23
+    shard = offset_targets / later[1]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"shard {later[1]['path']} fails its sha256"):
+        run_verify(VerifyConfig(path=str(offset_targets)))
+
+
+def test_a_shard_of_an_unlisted_offset_is_refused(offset_targets):
+    manifest = json.loads((offset_targets / "manifest.json").read_text())
+    manifest["meta"]["offsets"]["values"] = [0, 24]
+    (offset_targets / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="belongs to no window offset"):
+        run_verify(VerifyConfig(path=str(offset_targets)))
