@@ -146,7 +146,7 @@ def test_other_target_columns_are_batched_by_name_at_the_window_positions(full_t
     from cocomix.storage.targets import TargetReader
 
     reader = TargetReader.open(full_targets_dir)
-    stream = _stream(TargetSource(reader, "train", columns=("kd_ids", "hidden")), micro=2, accum=1)
+    stream = _stream(TargetSource(reader, "train", columns=("kd_ids", "hidden")), micro=2, accum=1, offsets=reader.offsets)
     mb = stream.next_step(DataState()).micro_batches[0]
     starts, _ = stream.order.take(DataState(), 2)
     assert mb.concept_ids is None and set(mb.extra) == {"kd_ids", "hidden"}
