@@ -151,14 +151,14 @@ def load_for_generation(ckpt: str, device: torch.device):
 
 def load_tokenizer(ckpt: str, config, override: str | None = None) -> Any:
     """``override``, else the checkpoint's own tokenizer files, else the token store its run recorded."""
-    from transformers import AutoTokenizer
+    from cocomix.storage.safe_load import load_tokenizer as safe_tokenizer  # no remote code, one line when unreadable
 
     if override is not None:
         if not Path(override).exists():
             raise ConfigError(f"--tokenizer {override} does not exist; pass a tokenizer folder")
-        return AutoTokenizer.from_pretrained(override)
+        return safe_tokenizer(override, "--tokenizer")
     if any((Path(ckpt) / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        return AutoTokenizer.from_pretrained(ckpt, config=config)
+        return safe_tokenizer(ckpt, "checkpoint", config=config)
     return store_tokenizer(ckpt, config)
 
 
