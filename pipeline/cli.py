@@ -15,6 +15,7 @@ from cocomix.pipeline.study import StudyConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
 from cocomix.stage2_pretrain.concepts_config import DescribeConfig, ShowConfig, WeightsConfig
 from cocomix.stage2_pretrain.config import CompareConfig, EvalConfig, PretrainConfig
+from cocomix.stage2_pretrain.generate_config import GenerateConfig, SteerConfig
 from cocomix.storage.config import InspectConfig, TokenizeConfig, VerifyConfig
 
 app = typer.Typer(
@@ -53,6 +54,8 @@ COMMANDS = {
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
     "compare": (app, CompareConfig, "cocomix.stage2_pretrain.compare:run_compare"),
+    "generate": (app, GenerateConfig, "cocomix.stage2_pretrain.generate:run_generate"),
+    "steer": (app, SteerConfig, "cocomix.stage2_pretrain.steer:run_steer"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
     "study": (app, StudyConfig, "cocomix.pipeline.study:run_study"),
     "concepts describe": (concepts_app, DescribeConfig, "cocomix.stage2_pretrain.concepts_describe:run_describe"),

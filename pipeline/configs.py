@@ -15,13 +15,14 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import math
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import typer
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.pipeline.errors import CocomixError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def build_command(config_cls: type, run: str, doc: str | None = None) -> Callabl
 
     def command(**kwargs: Any) -> None:
         try:
+            _refuse_non_finite(kwargs)
             config = config_cls(**kwargs)
             resolve(run)(config)
         except CocomixError as err:
@@ -108,6 +110,13 @@ def build_command(config_cls: type, run: str, doc: str | None = None) -> Callabl
     command.__doc__ = doc or config_cls.__doc__
     command.__name__ = config_cls.__name__
     return command
+
+
+def _refuse_non_finite(values: dict) -> None:
+    """No float flag takes inf or nan: every one is a size, a rate or a weight."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag_name(name)} must be a finite number, got {value}")
 
 
 def _error(message: str, label: str = "error") -> None:

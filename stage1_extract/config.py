@@ -36,10 +36,13 @@ class ExtractConfig:
     splits: str = flag("train,val", help="Comma-separated splits to label.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Replace an output folder made by another teacher, SAE, layer or token store.")
+    threads: int | None = flag(None, help="CPU threads for the teacher (on CPU). Default: the count recorded in the output folder's plan.json by the run that started it, else torch's default. On CPU, shard bytes are reproducible at the same thread count (so a resumed run adopts it).")
     kd_samples: int = flag(0, help="Also store N token ids per position sampled from the teacher's next-token softmax (column `kd_ids`, for `pretrain --method kd`); an unbiased sparse stand-in for the full distribution, drawn in the same teacher pass. 0 = off.")
     store_hidden: bool = flag(False, help="Also store the teacher's hidden state at --layer (column `hidden`, float16, for `pretrain --concept-target hidden`); costs 2 x teacher width bytes per token (1.5 KB for GPT-2 small).")
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.kd_samples < 0:
             raise ConfigError(f"--kd-samples must be >= 0 (0 = no KD targets), got {self.kd_samples}")
         if self.selection not in ("attribution", "activation"):

@@ -30,7 +30,8 @@ from cocomix.stage1_extract.kd_samples import RULE as KD_RULE
 from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
 from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
-from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_window, load_teacher, resolve_device
+from cocomix.stage1_extract.teacher import (check_layer, check_tokenizer, check_vocab, check_window, load_teacher,
+                                            resolve_device)
 from cocomix.storage.target_offsets import offsets_record, spread_offsets
 from cocomix.storage.target_reader import load_manifest
 from cocomix.storage.target_writer import folder_identity, sidecar_path
@@ -74,10 +75,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     use_tf32(device)
     dist = init_dist(device)
+    threads = torch.get_num_threads()
     try:
         inputs = load_inputs(cfg, device, dist)
         return _extract(cfg, inputs, dist, device, t0)
     finally:
+        torch.set_num_threads(threads)  # a caller's own setting (tests, quickstart) comes back
         dist.close()
 
 
@@ -86,11 +89,12 @@ def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.devic
     offsets = spread_offsets(cfg.offsets, cfg.window, cfg.offset_seed)
     plan = plan_shards({s: len(inputs.store.split(s)) for s in inputs.splits}, cfg.window, cfg.windows_per_shard, offsets)
     writer = open_writer(cfg, inputs, plan, ids_dt, score_dt, dist)
+    use_recorded_threads(cfg, writer.compute, device)
     with writer:
         pending = writer.pending(dist.rank, dist.world)  # re-verifies (sha256) this rank's finished shards
         verified = [s for i, s in enumerate(plan) if i % dist.world == dist.rank and s not in pending]
-        log.info("%s: %d shards to compute, %d finished and verified (rank %d of %d)",
-                 inputs.out, len(pending), len(verified), dist.rank, dist.world)
+        log.info("%s: %d shards to compute, %d finished (rank %d of %d)%s",
+                 inputs.out, len(pending), len(verified), dist.rank, dist.world, how_checked(writer.checks))
         labeller = ShardLabeller(cfg, inputs, spec, ids_dt, score_dt, writer)
         with ExtractProgress(sum(s.end - s.start for s in pending), len(pending), dist.is_main) as bar:
             for shard in pending:
@@ -167,12 +171,20 @@ def finalize(writer, out: Path, stats: dict) -> None:
     that readers accept and that describes this folder's plan and verified shards."""
     problem = manifest_problem(writer, out) if stats["shards_computed"] == 0 else "shards were computed"
     if problem is None:
-        log.info("%s was already complete (every shard verified); manifest kept", out)
+        log.info("%s was already complete; manifest kept%s", out, how_checked(writer.checks))
     else:
         if stats["shards_computed"] == 0:
             log.warning("every shard of %s is verified, but its %s cannot be kept (%s); rewriting it", out, MANIFEST, problem)
         writer.finalize(extra=stats)
     print_summary(stats, out)
+
+
+def how_checked(checks: dict) -> str:
+    """How finished shards were checked: by sha256, or only found unchanged (size, mtime) since their last hash."""
+    if not checks["unchanged"]:
+        return f": {checks['hashed']} verified by sha256" if checks["hashed"] else ""
+    return (f": {checks['hashed']} verified by sha256, {checks['unchanged']} not re-hashed (same size and mtime as when "
+            "last hashed; readers check each block's CRC32C, `cocomix verify` re-hashes all)")
 
 
 def manifest_problem(writer, out: Path) -> str | None:
@@ -216,6 +228,7 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
         ensure_tokenized(cfg, tokens_path, dist)
     store = TokenStore.open(tokens_path)
     check_tokenizer(teacher, store)
+    check_vocab(teacher, store)
     sae, info = load_sae(cfg.sae, cache_dir=cache_dir(ws))
     check_sae_matches_teacher(info, teacher.d_model)
     check_sae_hook(info, cfg.layer)
@@ -248,6 +261,9 @@ def check_k_attr(cfg: ExtractConfig, info) -> None:
     if cfg.attribution_input == "post" and cfg.k_attr > info.k:
         raise ConfigError(f"--k-attr {cfg.k_attr} exceeds the {info.k} latents SAE {info.source} activates per token; "
                           f"pass --k-attr {info.k} or less")
+    if cfg.k_attr > info.n_latents:
+        raise ConfigError(f"--k-attr {cfg.k_attr} exceeds the {info.n_latents} latents of SAE {info.source}; "
+                          f"pass --k-attr {info.n_latents} or less")
 
 
 def check_sae_hook(info, layer: int) -> None:
@@ -332,12 +348,36 @@ def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist
     """Rank 0 creates (or checks, or with --overwrite clears) the folder first; the others then join it."""
     spec, _, _ = attribution_spec(cfg, inputs, inputs.teacher.device)
     kwargs = dict(meta=target_meta(cfg, inputs, spec), plan=plan, k_attr=cfg.k_attr, id_dtype=ids_dt,
-                  score_dtype=score_dt, token_dtype=inputs.store.dtype, extra_columns=extra_columns(cfg, inputs))
+                  score_dtype=score_dt, token_dtype=inputs.store.dtype, extra_columns=extra_columns(cfg, inputs),
+                  compute=compute_record(cfg, inputs.teacher.device))
     writer = None
     if dist.is_main:
         writer = _open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)
     dist.barrier()
     return writer or _open_retrying(inputs.out, overwrite=False, **kwargs)
+
+
+def compute_record(cfg: ExtractConfig, device: torch.device) -> dict:
+    """What plan.json records about how shards are computed: on CPU the thread count (BLAS results,
+    hence scores and near-tie labels, depend on it); nothing on GPUs."""
+    return {"cpu_threads": cfg.threads or torch.get_num_threads()} if device.type == "cpu" else {}
+
+
+def use_recorded_threads(cfg: ExtractConfig, compute: dict, device: torch.device) -> None:
+    """Compute with the thread count the folder was started with, pinned: ``torch.set_num_threads``
+    also turns MKL's dynamic thread choice off (with it on, MKL may use fewer threads when the
+    machine is busy, and a shard computed then differs in the last bits)."""
+    if device.type != "cpu":
+        return
+    recorded = int(compute.get("cpu_threads") or cfg.threads or torch.get_num_threads())
+    if cfg.threads is not None and cfg.threads != recorded:
+        log.warning("--threads %d differs from the %d CPU threads %s was started with: shards computed now may differ "
+                    "from an uninterrupted run in the last bits of their scores (and labels at near ties)",
+                    cfg.threads, recorded, PLAN)
+        recorded = cfg.threads
+    elif recorded != torch.get_num_threads():
+        log.info("computing with the %d CPU threads the folder was started with (shard bytes depend on it)", recorded)
+    torch.set_num_threads(recorded)
 
 
 def _open_retrying(out: Path, attempts: int = 5, **kwargs) -> TargetWriter:
@@ -378,4 +418,5 @@ def run_stats(cfg, labeller: ShardLabeller, dist: Dist, device: torch.device, se
         "coverage": coverage.as_stats(),
         "k_attr": cfg.k_attr,
         "batch_size": cfg.batch_size,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }

@@ -44,6 +44,7 @@ from cocomix.stage1_extract.sae_stream import (ShuffledBatches, WindowBatches, c
                                                shuffled_batches, window_batches)
 from cocomix.storage.files import (atomic_replace, atomic_write_json, complete_step_dirs, publish_step_dir, sha256_file,
                                   step_dir_name)
+from cocomix.storage.safe_load import torch_load
 from cocomix.storage.token_store import content_identity
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ def build_run(cfg: SaeTrainConfig, inputs, identity: dict, saved: Path | None) -
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)
         return TrainRun(sae, opt, tracker, mse_scale, gen, windows, stream, Replay(sample_ND, cfg.batch_tokens, stream), identity)
     device = inputs.teacher.device
-    state = torch.load(saved / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch_load(saved / STATE_FILE, "sae train resume state")
     sae = TopKSAE(state["sae"]["b_pre"].shape[0], cfg.latents, cfg.k, normalize=True).to(device)
     sae.load_state_dict(state["sae"])
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=ADAM_EPS)

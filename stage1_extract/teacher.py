@@ -70,12 +70,17 @@ def _offline_error(spec: str, err: Exception) -> CocomixError:
 
 
 def _from_pretrained(spec: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model and tokenizer, no remote code, weights exactly covering the config (see :mod:`~cocomix.storage.safe_load`)."""
+    from transformers import AutoModelForCausalLM
+
+    from cocomix.storage.safe_load import load_model, load_tokenizer
 
     try:
         # fp32 weights whatever the checkpoint stores: --dtype bfloat16 is autocast, never cast weights
-        model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = load_model(AutoModelForCausalLM, spec, "--teacher", attn_implementation="sdpa", dtype=torch.float32)
+        tokenizer = load_tokenizer(spec, "--teacher")
+    except CocomixError:
+        raise
     except (OSError, ValueError, KeyError) as err:
         if _is_local(spec):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -139,6 +144,14 @@ def check_tokenizer(teacher: Teacher, store: Any) -> None:
             f"{teacher.info.get('id')} uses tokenizer sha256 {mine[:12]}: re-tokenize the corpus with "
             f"the teacher's tokenizer (cocomix tokenize --tokenizer {teacher.info.get('id')})"
         )
+
+
+def check_vocab(teacher: Teacher, store: Any) -> None:
+    """Every token id of the store must have a row in the teacher's embedding."""
+    rows = teacher.model.transformer.wte.num_embeddings
+    if rows < store.vocab_size:
+        raise MismatchError(f"teacher {teacher.info.get('id')} embeds {rows} token ids, but token store {store.path} "
+                            f"has a vocabulary of {store.vocab_size}; pass the teacher the store was tokenized for")
 
 
 def embed(teacher: Teacher, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -6,7 +6,8 @@
       config.json, model.safetensors    save_pretrained: GPT2LMHeadModel / CoCoMixForCausalLM.from_pretrained(dir)
       tokenizer.json, ...               the token store's tokenizer (so an NTP checkpoint is a stock GPT-2 folder)
       optimizer.pt, scheduler.pt        (FSDP: optimizer saved by accelerate's FSDP helper)
-      rng/rank-00000.pt                 python, numpy, torch (and CUDA) RNG states of every rank
+      rng/rank-00000.pt                 python, numpy, torch (and CUDA) RNG states of every rank, as plain
+                                        tensors and lists (every .pt here loads with weights_only=True)
       trainer_state.json                step, data position, world size
       complete                          written last: a folder without it is ignored
 
@@ -19,6 +20,7 @@ import json
 import logging
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 
 from cocomix.pipeline.errors import CocomixError
 from cocomix.storage.files import MARKER, atomic_write_json, complete_step_dirs, publish_step_dir, step_dir_name  # noqa: F401 (MARKER: part of this module's layout)
+from cocomix.storage.safe_load import torch_load
 
 from cocomix.stage2_pretrain.data import DataState
 
@@ -64,15 +67,23 @@ def read_trainer_state(ckpt: Path) -> TrainerState:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this rank as tensors, ints, strings and lists: a ``weights_only`` load restores it."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # older checkpoints: a numpy array
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -118,17 +129,34 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, *, out: Path, stat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_model(accelerator, model, tmp, tokenizer)
-    _save_optimizer(accelerator, model, optimizer, tmp)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
+    with _write_errors(tmp, state.step, out):
+        _save_model(accelerator, model, tmp, tokenizer)
+        _save_optimizer(accelerator, model, optimizer, tmp)
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{accelerator.process_index:05d}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        atomic_write_json(tmp / STATE_FILE, {"step": state.step, "data": state.data.to_dict(), "world_size": accelerator.num_processes})
-        publish_step_dir(tmp, final)
+        with _write_errors(tmp, state.step, out):
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / STATE_FILE, {"step": state.step, "data": state.data.to_dict(), "world_size": accelerator.num_processes})
+            publish_step_dir(tmp, final)
         prune(out, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _write_errors(tmp: Path, step: int, out: Path):
+    """A failed write (disk full: torch.save raises RuntimeError, safetensors its own error, the rest
+    OSError) is one line; the half-written folder is removed, the last complete checkpoint kept."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:  # what a full disk raises in torch.save / save_pretrained
+        shutil.rmtree(tmp, ignore_errors=True)
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CocomixError(f"could not write checkpoint step {step} in {Path(out) / CKPT_DIR} (disk full? {type(err).__name__}: "
+                           f"{text}); the last complete checkpoint is kept: free space and re-run with --resume") from None
 
 
 def prune(out: Path, keep_last: int) -> None:
@@ -147,11 +175,11 @@ def load_training_state(accelerator, model, optimizer, scheduler, ckpt: Path) ->
 
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(ckpt / "optimizer"))
     else:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(torch_load(ckpt / "optimizer.pt", "optimizer state", map_location=accelerator.device))
+    scheduler.load_state_dict(torch_load(ckpt / "scheduler.pt", "scheduler state"))
     rng = ckpt / "rng" / f"rank-{accelerator.process_index:05d}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch_load(rng, "RNG state", legacy_numpy=True))
     else:
         log.warning("checkpoint %s has no RNG state for rank %d (world size changed); keeping a fresh one", ckpt, accelerator.process_index)
     return read_trainer_state(ckpt)

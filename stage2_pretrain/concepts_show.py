@@ -57,11 +57,11 @@ def load_concept_model(ckpt: str):
 
 
 def load_tokenizer(ckpt: str, config=None):
-    from transformers import AutoTokenizer
+    from cocomix.storage.safe_load import load_tokenizer as safe_tokenizer
 
     if not (Path(ckpt) / "tokenizer.json").is_file():
         raise CocomixError(f"checkpoint {ckpt} has no tokenizer.json to read --text with; pass a checkpoint written by `cocomix pretrain`")
-    return AutoTokenizer.from_pretrained(ckpt, config=config)
+    return safe_tokenizer(ckpt, "checkpoint", config=config)  # no remote code, one line when unreadable
 
 
 @torch.no_grad()

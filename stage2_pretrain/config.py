@@ -1,6 +1,7 @@
 """Configs of stage 2: ``pretrain`` and ``eval``. Size presets live in :mod:`.presets`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cocomix.pipeline.configs import arg, flag, flag_name
@@ -49,6 +50,7 @@ class PretrainConfig:
     tracker: str | None = flag(None, help="Also log to `tensorboard` or `wandb` through Accelerate.")
     workspace: str | None = flag(None, help="Workspace folder for default paths. Default: $COCOMIX_WORKSPACE or ./cocomix-workspace.")
     overwrite: bool = flag(False, help="Start over in a non-empty --out (deletes its checkpoints).")
+    override_lr: bool = flag(False, help="With --resume and --lr: continue with this peak learning rate instead of the run's (the schedule keeps its shape, scaled to the new peak; e.g. after a non-finite loss). Recorded in run.json under lr_changes.")
 
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("mix", MIXES), ("concept_target", CONCEPT_TARGETS),
@@ -74,6 +76,12 @@ class PretrainConfig:
         for name in ("eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "lam"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{flag_name(name)} must be a finite number, got {value}")
+        if self.override_lr and not (self.resume and self.lr is not None):
+            raise ConfigError("--override-lr needs --resume and the new --lr (e.g. --resume --override-lr --lr 3e-4)")
         if not self.lam >= 0:
             raise ConfigError(f"--lam must be >= 0 (0 = insertion only, no concept loss), got {self.lam}")
         if self.lr is not None and not self.lr > 0:

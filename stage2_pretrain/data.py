@@ -160,6 +160,7 @@ class TargetSource:
         self.reader, self.split_name, self.columns, self.aligned = reader, split, tuple(columns), aligned
         self.n_tokens = reader.split_length(split)
         self.store_split = store_split  # read tokens from the store instead (see bench/pretrain.py)
+        self.checked = ("token", *self.columns)  #: what training reads: its blocks are CRC32C-checked first
 
     def label_set(self, start: int) -> int:
         if not self.aligned:
@@ -171,7 +172,8 @@ class TargetSource:
         return r
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
-        w = self.reader.window(self.split_name, start, stop, offset=self.label_set(start))
+        w = self.reader.window(self.split_name, start, stop, offset=self.label_set(start),
+                               check=self.checked)
         tokens = self.store_split.read(start, stop) if self.store_split is not None else w.tokens
         return tokens, {name: w.concept_ids if name == "concept_ids" else w.extra[name] for name in self.columns}
 

@@ -126,12 +126,13 @@ def checkpoint_kind(ckpt: Path) -> str:
     """``model_type`` of a checkpoint folder that ``AutoModelForCausalLM`` can load; one line otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from cocomix.storage.safe_load import read_config
+
     register_students()
-    config_file = Path(ckpt) / "config.json"
-    if not config_file.exists():
+    if not (Path(ckpt) / "config.json").exists():
         raise CocomixError(f"{ckpt} is not a model folder (no config.json); pass a checkpoint folder as CKPT")
+    model_type = read_config(ckpt, "checkpoint").get("model_type")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
         known = type(AutoConfig.for_model(model_type)) in AutoModelForCausalLM._model_mapping
     except (ValueError, KeyError, TypeError):
         known = False
@@ -160,13 +161,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def load_checkpoint_model(ckpt: Path):
-    """A CoCoMix, pause or stock GPT-2 (NTP, KD) folder, as the causal LM its config.json names."""
+    """A CoCoMix, pause or stock GPT-2 (NTP, KD) folder, as the causal LM its config.json names; loaded through
+    :func:`cocomix.storage.safe_load.load_model` (no remote code, weights must cover the config exactly)."""
     checkpoint_kind(ckpt)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load clutters the run's log
-    return AutoModelForCausalLM.from_pretrained(ckpt)
+    from cocomix.storage.safe_load import load_model
+
+    return load_model(AutoModelForCausalLM, ckpt, "checkpoint")
 
 
 def check_tokenizer(ckpt: Path, store, tokens: str, config=None, flag: str = "--tokens") -> None:
@@ -174,22 +176,21 @@ def check_tokenizer(ckpt: Path, store, tokens: str, config=None, flag: str = "--
     model's (spares AutoTokenizer re-reading config.json as a generic, unregistered config)."""
     if not (Path(ckpt) / "tokenizer.json").exists():
         return
-    from transformers import AutoTokenizer
-
+    from cocomix.storage.safe_load import load_tokenizer
     from cocomix.storage.token_store import tokenizer_fingerprint
 
-    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt, config=config)) != store.tokenizer_sha256:
+    if tokenizer_fingerprint(load_tokenizer(ckpt, "checkpoint", config=config)) != store.tokenizer_sha256:
         raise MismatchError(f"{flag} {tokens} was made with another tokenizer than checkpoint {ckpt}; pass the token store it was trained on")
 
 
 def checkpoint_tokenizer(ckpt: Path, config):
     """The tokenizer saved beside the weights (``cocomix pretrain`` writes it into every checkpoint)."""
-    from transformers import AutoTokenizer
+    from cocomix.storage.safe_load import load_tokenizer
 
     if not any((Path(ckpt) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise CocomixError(f"--tasks needs the tokenizer in {ckpt} (no tokenizer files there); "
                            "save it into the folder (tokenizer.save_pretrained) or evaluate a checkpoint written by `cocomix pretrain`")
-    return AutoTokenizer.from_pretrained(ckpt, config=config)
+    return load_tokenizer(ckpt, "checkpoint", config=config)
 
 
 def _device(name: str) -> torch.device:

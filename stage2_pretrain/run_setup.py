@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import ConfigError, MismatchError
+from cocomix.pipeline.errors import ConfigError, IntegrityError, MismatchError
 from cocomix.pipeline.workspace import run_dir, workspace_root
 
 from cocomix.stage2_pretrain import checkpoint as ckpt_io
@@ -163,6 +163,46 @@ def resumed_model(ckpt: Path, inputs: TrainInputs, lam: float):
     return model
 
 
+def resume_point(out: Path, inputs: TrainInputs, lam: float):
+    """(checkpoint, its model) to continue from: the newest complete checkpoint whose model loads;
+    a damaged newer one (truncated or tampered files) is named and skipped. (None, None) when
+    there is no checkpoint."""
+    found = ckpt_io.complete_checkpoints(out)
+    first_error = None
+    for ckpt in reversed(found):
+        try:
+            return ckpt, resumed_model(ckpt, inputs, lam)
+        except IntegrityError as err:
+            first_error = first_error or err
+            older = [c for c in found if c < ckpt]
+            if older:
+                log.warning("--resume: checkpoint %s is damaged (%s); falling back to the previous complete one, %s",
+                            ckpt.name, err, older[-1].name)
+    if first_error is not None:
+        raise IntegrityError(f"--resume: no checkpoint in {out / ckpt_io.CKPT_DIR} loads ({first_error}); start over with --overwrite")
+    return None, None
+
+
+def load_state_or_explain(acc, model, optimizer, scheduler, ckpt: Path, out: Path) -> ckpt_io.TrainerState:
+    """Optimizer, scheduler, RNG and data position; a damaged file names the previous complete checkpoint."""
+    try:
+        return ckpt_io.load_training_state(acc, model, optimizer, scheduler, ckpt)
+    except IntegrityError as err:
+        older = [c for c in ckpt_io.complete_checkpoints(out) if c < ckpt]
+        offer = (f"; move {ckpt} away and --resume continues from the previous complete checkpoint {older[-1].name}"
+                 if older else "; no older checkpoint is left: start over with --overwrite")
+        raise IntegrityError(f"--resume: checkpoint {ckpt.name} is damaged: {err}{offer}") from None
+
+
+def override_peak_lr(optimizer, scheduler, lr: float) -> None:
+    """``--override-lr``: the restored schedule, scaled to peak ``lr`` at the step it stands at."""
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = group["lr"] * lr / base
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def prepare_for_accelerate(model) -> None:
     """Small fixes before ``prepare``: name the HF loss (HF 5 cannot map ``GPT2LMHeadModel`` to
     one and warns), and tell FSDP's transformer wrap policy which module is a block."""
@@ -218,19 +258,21 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     if acc.is_main_process:
         rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
     acc.wait_for_everyone()
-    ckpt = ckpt_io.latest_checkpoint(out) if cfg.resume else None
+    ckpt, model = resume_point(out, inputs, cfg.lam) if cfg.resume else (None, None)
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
-    model = resumed_model(ckpt, inputs, cfg.lam) if ckpt else new_model(cfg, spec, match, inputs)
+    model = model or new_model(cfg, spec, match, inputs)
     prepare_for_accelerate(model)
     record = run_record(cfg, spec, plan, model, inputs, None if ckpt else match)
-    announce(acc, out, record, ckpt)
     optimizer = make_optimizer(model, plan.lr, on_cuda=acc.device.type == "cuda")
     scheduler = make_scheduler(optimizer, plan.schedule)
     model, optimizer = acc.prepare(model, optimizer)
     state = ckpt_io.TrainerState(0, DataState())
     if ckpt:
-        state = ckpt_io.load_training_state(acc, model, optimizer, scheduler, ckpt)
+        state = load_state_or_explain(acc, model, optimizer, scheduler, ckpt, out)
+        if cfg.override_lr:
+            override_peak_lr(optimizer, scheduler, plan.lr)
+    announce(acc, out, record, ckpt)  # run.json only once everything the run continues from has loaded
     if acc.is_main_process:
         truncate_metrics(out, state.step)
     start_trackers(acc, cfg.tracker, plan)
@@ -264,6 +306,8 @@ def announce(acc, out: Path, record: dict, ckpt: Path | None) -> None:
         return
     if ckpt:
         rundir.check_resume_matches(out, record)
+        if record["config"].get("override_lr"):
+            rundir.record_lr_change(out, record, ckpt_io.read_trainer_state(ckpt).step)
         record["matched"] = record["matched"] or rundir.previous_match(out)
     rundir.write_run_json(out, record)
     p, plan, m = record["params"], record["plan"], record["matched"]

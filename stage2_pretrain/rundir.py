@@ -36,6 +36,9 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if resume or not any(out.iterdir()):
         return
+    if not overwrite and only_leftovers(out):
+        log.info("%s holds only what a failed start left (no checkpoint): starting over there", out)
+        overwrite = True
     if not overwrite:
         raise CocomixError(f"--out {out} is not empty; pass --resume to continue the run there, --overwrite to start over, or another --out")
     for name in OWNED:
@@ -44,6 +47,27 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+def only_leftovers(out: Path) -> bool:
+    """``out`` holds nothing but this tool's files and no complete checkpoint: a run that failed
+    before its first checkpoint (a plain retry may start over there)."""
+    from cocomix.stage2_pretrain.checkpoint import complete_checkpoints
+
+    names = {p.name for p in out.iterdir()}
+    return names <= set(OWNED) - {FINAL} and not complete_checkpoints(out)
+
+
+def record_lr_change(out: Path, record: dict, step: int) -> None:
+    """``--override-lr``: keep the earlier changes of run.json and add this one (step, old and new peak lr)."""
+    path = out / RUN_JSON
+    before = json.loads(path.read_text()) if path.exists() else {}
+    changes = list(before.get("lr_changes") or [])
+    old, new = (before.get("plan") or {}).get("lr"), record["plan"]["lr"]
+    if old is not None and old != new:
+        changes.append({"step": step, "from": old, "to": new})
+        log.warning("--override-lr: peak learning rate %s -> %s from step %d on", old, new, step)
+    record["lr_changes"] = changes
 
 
 def check_resume_matches(out: Path, record: dict) -> None:
@@ -56,9 +80,12 @@ def check_resume_matches(out: Path, record: dict) -> None:
         return
     before = json.loads(path.read_text())
     for flag, key in MUST_MATCH:
+        if key == "lr" and record["config"].get("override_lr"):
+            continue  # asked for explicitly; record_lr_change keeps the history
         old, new = before["plan"].get(key), record["plan"].get(key)
         if old is not None and old != new:
-            raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old} or start another --out")
+            hint = " (or --override-lr to change it)" if key == "lr" else ""
+            raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old}{hint} or start another --out")
     old_method, new_method = _method_flags(before), _method_flags(record)
     if old_method is not None and old_method != new_method:
         raise ConfigError(f"--resume: the method flags were {old_method} in {out} but are {new_method} now; "

@@ -104,7 +104,8 @@ def train_step(run: Run, step: int, batch: StepBatch) -> StepValues:
         raise CocomixError(
             f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step + 1} "
             f"(loss {loss_v}, grad norm {grad_norm}); weights not updated, last good checkpoint kept in "
-            f"{run.out / ckpt_io.CKPT_DIR}; lower --lr and --resume"
+            f"{run.out / ckpt_io.CKPT_DIR}; lower the learning rate: re-run the command with --resume --override-lr "
+            f"--lr {run.plan.lr / 2:.3g}"
         )
     run.optimizer.step()
     run.scheduler.step()

@@ -21,11 +21,15 @@ def load_tokenizer(spec: str) -> Any:
     """A fast tokenizer with an EOS token from a hub id or local folder."""
     from transformers import AutoTokenizer
 
+    from cocomix.storage.safe_load import refuse_custom_code
+
     if not Path(spec).expanduser().exists():
         log.info("--tokenizer %s is no local path: loading it from the hub (offline, the hub client retries for "
                  "about a minute; HF_HUB_OFFLINE=1 fails at once)", spec)
+    if Path(spec).expanduser().exists():
+        refuse_custom_code(Path(spec).expanduser(), "--tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - hub/file errors come in many types
         where = "local folder" if Path(spec).exists() else "hub id (offline? pass a local tokenizer folder)"
         raise CocomixError(f"could not load tokenizer {spec!r} as a {where}: {type(err).__name__}: {str(err)[:200]}") from None

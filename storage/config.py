@@ -78,3 +78,4 @@ class VerifyConfig:
 
     path: str = arg(help="A token-store folder or a target-shard folder.")
     tokens: str | None = flag(None, help="Token store to compare each shard's `token` column against.")
+    upgrade: bool = flag(False, help="Target folders written before block checksums: after verifying every shard by sha256, record a CRC32C per block of rows in each sidecar and the manifest, so readers catch bit rot where they read.")

@@ -196,7 +196,12 @@ def _text_of(record: dict, text_field: str, where: str) -> str:
         found = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
         raise CocomixError(f"{where} has no field {text_field!r} (fields found: {found}); pass --text-field with one of those")
     text = record[text_field]
-    return "" if text is None else str(text)
+    if text is None:
+        return ""
+    if not isinstance(text, str):  # a list, dict or number would be tokenized as its Python repr
+        raise CocomixError(f"{where}: field {text_field!r} holds a {type(text).__name__}, not text; "
+                           "pass --text-field naming a text field, or fix that record")
+    return text
 
 
 def _hub_size(name: str) -> int | None:

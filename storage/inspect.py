@@ -139,9 +139,9 @@ def _decoder(reader: TargetReader, tokens: str | None) -> object | None:
             return TokenStore.open(tokens).load_tokenizer()
         teacher = str((reader.meta.get("teacher") or {}).get("id", ""))
         if teacher and Path(teacher).is_dir():
-            from transformers import AutoTokenizer
+            from cocomix.storage.safe_load import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(teacher)
+            return load_tokenizer(teacher, "teacher")
     except Exception as err:  # noqa: BLE001 - decoding is a convenience; ids are shown anyway
         log.warning("cannot decode tokens (%s); showing ids", err)
     return None

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage import block_check
 from cocomix.storage.files import sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, extra_column_views, safe_path,
@@ -44,6 +45,7 @@ class _Shard(NamedTuple):
     ids_NK: np.ndarray
     scores_NK: np.ndarray
     extra: dict  #: optional columns, name -> [n, width]
+    blocks: block_check.BlockChecker  #: CRC32C (and label range) of each block, checked on first use
 
 
 def load_manifest(path: Path) -> dict:
@@ -177,12 +179,19 @@ class TargetReader:
             raise IntegrityError(f"shard {entry['path']} does not have the schema of its manifest; delete it and run the extract again")
         if batch.num_rows != entry["rows"]:
             raise IntegrityError(f"shard {entry['path']} has {batch.num_rows} rows, its manifest says {entry['rows']}")
+        where = f"shard {entry['path']} of {self.path}"
+        if entry.get(block_check.KEY) is None:
+            block_check.notice_missing(str(self.path))
+        blocks = block_check.BlockChecker(where, block_check.column_rows(batch), entry.get(block_check.KEY),
+                                          block_check.label_range_check(where, self.n_latents, self.ignore_id))
         return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr),
-                      extra_column_views(batch, self.extra_columns))
+                      extra_column_views(batch, self.extra_columns), blocks)
 
-    def window(self, split: str, start: int, stop: int, offset: int = 0) -> TargetWindow:
+    def window(self, split: str, start: int, stop: int, offset: int = 0, check: tuple[str, ...] | None = None) -> TargetWindow:
         """Rows ``[start, stop)`` (stop clipped to the split) of the label set of window ``offset``;
-        zero-copy when inside one shard. Set ``r`` has rows from token ``r`` on."""
+        zero-copy when inside one shard. Set ``r`` has rows from token ``r`` on. The blocks they touch
+        of the columns in ``check`` (default: all; a caller passes the columns it uses) are
+        CRC32C-checked first, once per process."""
         length = self.split_length(split)
         stop = min(stop, length)
         if offset not in self.offsets:
@@ -195,6 +204,7 @@ class TargetReader:
         while start < stop or not pieces:
             shard = self.shard_views(entries[i])
             lo, hi = start - shard.start, min(stop, shard.end) - shard.start
+            shard.blocks.check(lo, hi, check)
             extra = {name: view[lo:hi] for name, view in shard.extra.items()}
             pieces.append(TargetWindow(shard.tokens[lo:hi], shard.ids_NK[lo:hi], shard.scores_NK[lo:hi], extra))
             start, i = shard.start + hi, i + 1

@@ -18,12 +18,14 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.storage import block_check
 from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
 from cocomix.storage.target_schema import (
     FORMAT, MANIFEST, PLAN, TARGETS_SCHEMA_VERSION, ShardSpec, arrow_schema, ignore_id,
@@ -33,6 +35,7 @@ from cocomix.storage.token_store import content_identity, without_when_hashed
 log = logging.getLogger(__name__)
 
 LOCKS = ".locks"
+WRITERS = "writers.lock"  #: held shared by every writer; --overwrite needs it free
 
 
 def _jsonable(obj: Any) -> Any:
@@ -47,9 +50,13 @@ class TargetWriter:
     """Context manager writing the shards of ``plan`` into ``out_dir`` (see the module docstring)."""
 
     def __init__(self, out_dir, *, meta: dict, plan: list[ShardSpec], k_attr: int, id_dtype, score_dtype,
-                 token_dtype, overwrite: bool = False, extra_columns: dict | None = None) -> None:
+                 token_dtype, overwrite: bool = False, extra_columns: dict | None = None,
+                 compute: dict | None = None) -> None:
         self.out = Path(out_dir)
         self.extra_columns = _jsonable(extra_columns or {})  #: optional columns (see target_schema), name -> record
+        #: how the shards are computed where it changes their bytes (e.g. CPU threads); recorded in
+        #: plan.json by the run that starts the folder, adopted from it by every later run
+        self.compute = _jsonable(compute or {})
         self.meta = _jsonable(meta)
         self.plan = list(plan)
         self.k_attr = int(k_attr)
@@ -57,7 +64,14 @@ class TargetWriter:
         self.ignore_id = ignore_id(self.id_dtype)
         self.schema = arrow_schema(self.token_dtype, self.id_dtype, self.score_dtype, self.k_attr, self.extra_columns)
         self._locks: dict[ShardSpec, int] = {}
-        self._open_folder(overwrite)
+        self.checks = {"hashed": 0, "unchanged": 0}  #: finished shards proven by sha256 / by their stamp (size, mtime)
+        self._writers_fd, alone = join_writers(self.out)
+        try:
+            self._open_folder(overwrite, alone)
+        except BaseException:
+            self._leave()
+            raise
+        fcntl.flock(self._writers_fd, fcntl.LOCK_SH)  # from here on, others may join (never clear)
 
     # ---- plan.json: identity of the folder -------------------------------------------------
     def _plan_record(self) -> dict:
@@ -67,30 +81,61 @@ class TargetWriter:
             "dtypes": {"token": self.token_dtype.name, "id": self.id_dtype.name, "score": self.score_dtype.name},
             "shards": [s.to_json() for s in self.plan],
             **({"extra_columns": self.extra_columns} if self.extra_columns else {}),  # absent: as older folders
+            **({"compute": self.compute} if self.compute else {}),
         }
 
-    def _open_folder(self, overwrite: bool) -> None:
+    def _open_folder(self, overwrite: bool, alone: bool) -> None:
         record = _jsonable(self._plan_record())
         plan_file = self.out / PLAN
         if plan_file.is_file():
-            old = json.loads(plan_file.read_text())
+            try:
+                old = json.loads(plan_file.read_text())
+            except ValueError:
+                old = {}
             if folder_identity(old) == folder_identity(record):
+                self.compute = old.get("compute", {})  # the first run's: later ones compute the same bytes
+                record = _jsonable(self._plan_record())
                 if old != record:
                     log.info("%s: inputs found at other paths, same content (sha256 / fingerprint); resuming", self.out)
                 return
-            if not overwrite:
+            if not overwrite and not (alone and not self._finished_any()):
                 raise MismatchError(f"{self.out} holds targets made with different settings ({_diff(old, record)}); pass --overwrite to replace them or choose another --out")
-            self._clear()
-        elif self.out.exists() and any(self.out.iterdir()):
+            self._clear(alone, "overwrite" if overwrite else "no shard was finished with the old settings")
+        elif self.out.exists() and any(p.name != LOCKS for p in self.out.iterdir()):
             if not (self.out / MANIFEST).exists() or not overwrite:
                 raise CocomixError(f"output folder {self.out} is not empty and holds no {PLAN}; choose another --out")
-            self._clear()
+            self._clear(alone, "overwrite")
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(plan_file, record)
 
-    def _clear(self) -> None:
-        log.warning("overwrite: clearing %s", self.out)
-        shutil.rmtree(self.out)
+    def _finished_any(self) -> bool:
+        """A shard sidecar exists: some work of the old plan would be lost."""
+        return any(self.out.glob("*/shard-*.json"))
+
+    def _clear(self, alone: bool, why: str) -> None:
+        """Empty the folder (keeping the writers' lock file), only when no other process writes into it."""
+        if not alone:
+            raise CocomixError(f"another extract is writing into {self.out} (it holds {self.out / LOCKS / WRITERS}); "
+                               "stop it or wait for it to finish before replacing the folder, or choose another --out")
+        log.warning("%s: clearing %s", why, self.out)
+        for child in self.out.iterdir():
+            if child.name == LOCKS:
+                for entry in child.iterdir():
+                    if entry.name != WRITERS:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            elif child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def __del__(self) -> None:  # a writer dropped without ``with`` must not keep the folder held
+        self._leave()
+
+    def _leave(self) -> None:
+        fd, self._writers_fd = getattr(self, "_writers_fd", None), None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self) -> "TargetWriter":
         return self
@@ -98,6 +143,7 @@ class TargetWriter:
     def __exit__(self, *exc: Any) -> None:
         for spec in list(self._locks):
             self._release(spec)
+        self._leave()
 
     # ---- claiming ---------------------------------------------------------------------------
     def pending(self, rank: int = 0, world: int = 1) -> list[ShardSpec]:
@@ -146,9 +192,11 @@ class TargetWriter:
         if not same:
             return False
         if stamp_vouches(self._lock_path(spec, ".stamp"), shard, info.get("sha256")):
+            self.checks["unchanged"] += 1
             return True
         if info.get("sha256") != sha256_file(shard):
             return False
+        self.checks["hashed"] += 1
         self._write_stamp(spec, shard, info["sha256"])
         return True
 
@@ -221,7 +269,8 @@ class TargetWriter:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
             writer.write_batch(batch)
         info = {**spec.to_json(), "path": spec.relpath, "rows": spec.rows, "sha256": sha256_file(tmp),
-                "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION}
+                "bytes": tmp.stat().st_size, "schema_version": TARGETS_SCHEMA_VERSION,
+                block_check.KEY: block_check.block_crcs(block_check.column_rows(batch))}
         atomic_replace(tmp, final)
         atomic_write_json(sidecar_path(final), info)
         self._write_stamp(spec, final, info["sha256"])
@@ -246,6 +295,26 @@ class TargetWriter:
         atomic_write_json(self.out / MANIFEST, manifest)
         log.info("wrote %s (%d shards)", self.out / MANIFEST, len(shards))
         return self.out / MANIFEST
+
+
+def join_writers(out: Path) -> tuple[int, bool]:
+    """Open ``.locks/writers.lock``, held shared by every writer of the folder for its lifetime.
+
+    Returns (fd, alone): alone when the exclusive lock was free, i.e. no other process writes
+    here; the caller then holds it exclusively until it has set the folder up (so nobody joins
+    a folder that is being cleared). Otherwise the fd holds a shared lock already.
+    """
+    lock = Path(out) / LOCKS / WRITERS
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        for mode, alone in ((fcntl.LOCK_EX, True), (fcntl.LOCK_SH, False)):
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return fd, alone
+            except BlockingIOError:
+                pass
+        time.sleep(0.05)  # another process holds it exclusively while it sets the folder up (a moment)
 
 
 def lock_path(out: Path, split: str, index: int, suffix: str, offset: int = 0) -> Path:
@@ -289,6 +358,7 @@ def folder_identity(record: dict) -> dict:
     tokenizer ``name`` are spellings). A hub teacher has no sha256: its id and revision count.
     The paths stay in the record for provenance.
     """
+    record = {k: v for k, v in record.items() if k != "compute"}  # how, not what: adopted, never compared
     meta = dict(record.get("meta") or {})
     meta = without_when_hashed(meta, "teacher", "id", hashed_by="sha256")
     meta = without_when_hashed(meta, "sae", "source", hashed_by="sha256")

@@ -165,6 +165,12 @@ class TokenStore:
         check_store_attrs(path, attrs)
         import zarr
 
+        for split in attrs.get("counts") or ():
+            for array in ("tokens", "doc_offsets"):
+                meta = path / split / array / "zarr.json"
+                if not meta.is_file():
+                    raise IntegrityError(f"token store {path} is damaged: {meta.relative_to(path)} is missing; "
+                                         "restore it from a copy or re-run `cocomix tokenize --overwrite`")
         return cls(path, zarr.open_group(str(path), mode="r"))
 
     def split(self, name: str) -> TokenSplit:
@@ -178,9 +184,9 @@ class TokenStore:
 
     def load_tokenizer(self) -> Any:
         """The fast HF tokenizer saved inside the store."""
-        from transformers import AutoTokenizer
+        from cocomix.storage.safe_load import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR))
+        return load_tokenizer(self.path / TOKENIZER_DIR, "tokenizer of token store")
 
     def provenance(self) -> dict:
         """JSON-able identity of these tokens (stage 1 copies it into the target manifest).

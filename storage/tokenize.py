@@ -125,12 +125,18 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
         attrs = None
     split = ValSplit(cfg, corpus)
     writer, tok = _resume(out) if attrs is not None else (None, None)
-    if writer is None:
+    created = writer is None
+    if created:
         writer, tok = _create(cfg, corpus, out, identity, split)
     resumed = writer.docs_done
     corpus.stats.replaced_bytes = int(writer.notes.get("replaced_bytes", 0))
     corpus.stats.bad_docs = int(writer.notes.get("bad_utf8_docs", 0))
-    _tokenize_all(cfg, corpus, writer, tok, split)
+    try:
+        _tokenize_all(cfg, corpus, writer, tok, split)
+    except CocomixError:
+        if created:  # a record the corpus must fix: the store this run started is removed, the retry starts clean
+            clear_folder(writer.path)
+        raise
     counts = _finish(writer, corpus, cfg)
     result = TokenizeResult(out, counts, len(tok), resumed_after_docs=resumed,
                             replaced_bytes=corpus.stats.replaced_bytes, seconds=time.monotonic() - t0)
@@ -289,6 +295,11 @@ def _finish(writer: StoreWriter, corpus: Corpus, cfg: TokenizeConfig) -> dict:
     if writer.docs_done == 0:
         clear_folder(writer.path)
         raise CocomixError(f"corpus {cfg.corpus} holds no documents; pass a non-empty corpus")
+    tokens = sum(b.n_tokens + b.n_buffered for b in writer.buffers.values())
+    if tokens <= writer.docs_done:  # every document is its EOS alone: nothing to learn from
+        clear_folder(writer.path)
+        raise CocomixError(f"all {writer.docs_done} documents of corpus {cfg.corpus} are empty (no text to tokenize; "
+                           f"wrong --text-field?); nothing was written")
     if corpus.stats.replaced_bytes:
         log.warning("%d bytes that are not UTF-8 were replaced by U+FFFD in %d documents of %s",
                     corpus.stats.replaced_bytes, corpus.stats.bad_docs, cfg.corpus)

@@ -50,6 +50,11 @@ def run_verify(cfg: VerifyConfig) -> VerifyResult:
         result = verify_token_store(path)
     else:
         result = verify_targets(path, Path(cfg.tokens) if cfg.tokens else None)
+        if cfg.upgrade:
+            upgraded = add_block_checksums(path)
+            console.print(f"[green]upgraded[/] {path}: block checksums added to {upgraded} shard(s)")
+    if cfg.upgrade and result.kind == "tokens":
+        log.info("--upgrade: token stores need none (zarr's shard index carries its own CRC32C)")
     console.print(f"[green]ok[/] {result.kind} {path}: {result.items} {'shards' if result.kind == 'targets' else 'splits'}, {result.tokens:,} tokens verified")
     return result
 
@@ -69,9 +74,34 @@ def verify_targets(path: Path, tokens: Path | None = None) -> VerifyResult:
     return VerifyResult(path, "targets", len(manifest["shards"]), sum(manifest["splits"].values()))
 
 
+def add_block_checksums(path: Path) -> int:
+    """Record block CRC32Cs in the sidecars and manifest of a verified target folder; returns how many shards lacked them."""
+    import pyarrow as pa
+
+    from cocomix.storage import block_check
+    from cocomix.storage.files import atomic_write_json
+    from cocomix.storage.target_writer import sidecar_path
+
+    manifest = load_manifest(path)
+    added = 0
+    for entry in manifest["shards"]:
+        if entry.get(block_check.KEY) is not None:
+            continue
+        file = safe_path(path, entry["path"])
+        with pa.memory_map(str(file), "r") as source:
+            batch = pa.ipc.open_file(source).get_batch(0)
+            entry[block_check.KEY] = block_check.block_crcs(block_check.column_rows(batch))
+        atomic_write_json(sidecar_path(file), entry)
+        added += 1
+    if added:
+        atomic_write_json(path / MANIFEST, manifest)
+    return added
+
+
 def _verify_shard(reader: TargetReader, entry: dict, store: TokenStore | None) -> None:
     reader.check_checksum(entry)
     shard = reader.shard_views(entry)
+    shard.blocks.check_all()
     ids = shard.ids_NK
     valid = ids != reader.ignore_id
     if reader.n_latents and (ids[valid] >= reader.n_latents).any():

@@ -1,11 +1,13 @@
 """``cocomix extract`` as real processes: SIGKILL + resume, and two ranks under torchrun (gloo)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,9 +66,74 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_
     manifest = TargetReader.open(out, verify=True).manifest
     assert manifest["extra"]["shards_computed"] == manifest["extra"]["shards_total"] - done_before > 0
     ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=wps, batch_size=1, splits="val",
-                    window=32, offsets=offsets, kd_samples=4, store_hidden=True)
+                    window=32, offsets=offsets, kd_samples=4, store_hidden=True,
+                    threads=manifest["compute"]["cpu_threads"])
     assert len(shard_bytes(ref)) == len(manifest["shards"]) and shard_bytes(out) == shard_bytes(ref)
     assert TargetReader.open(out).offsets == TargetReader.open(ref).offsets and len(TargetReader.open(out).offsets) == offsets
+
+
+@contextmanager
+def busy_cores(n: int):
+    """``n`` processes spinning on BLAS, like another job sharing the machine."""
+    code = "import numpy as np\na = np.ones((256, 256))\nwhile True:\n    a = (a @ a) / 256.0"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow  # minutes on a shared 2-core machine: the busy processes take the cores it runs on
+def test_kill_and_resume_under_load_gives_the_same_bytes(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
+    """The flake this guards: with MKL's dynamic threading on (torch's default until set_num_threads is
+    called), a shard computed while the cores are busy could differ in the last bits. Extract now pins
+    the thread count recorded in plan.json, so kill + resume under load equals a quiet uninterrupted run."""
+    flags = ["--windows-per-shard", "2", "--batch-size", "2", "--splits", "val", "--window", "32"]
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "cocomix.pipeline.cli", *cli_args(token_store, teacher_dir, openai_sae_file, out, *flags)]
+    with busy_cores(2):
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("val/shard-*.json")):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = TargetReader.open(out, verify=True).manifest
+    threads = manifest["compute"]["cpu_threads"]
+    assert threads == manifest["extra"]["cpu_threads"]
+    ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=2, batch_size=2, splits="val",
+                    window=32, threads=threads)
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_a_resumed_run_adopts_the_recorded_thread_count(tmp_path, token_store, teacher_dir, openai_sae_file, caplog):
+    """A folder started with 1 thread is finished with 1 thread by a run whose default is more, byte-identically."""
+    import logging
+
+    import torch
+
+    kw = dict(tokens=str(token_store), teacher=str(teacher_dir), sae=str(openai_sae_file), layer=1, device="cpu",
+              window=32, windows_per_shard=4, splits="val")
+    out = tmp_path / "t"
+    run_extract(ExtractConfig(out=str(out), threads=1, **kw))
+    before = shard_bytes(out)
+    first = sorted(out.glob("val/shard-*.arrow"))[0]
+    first.unlink(), first.with_suffix(".json").unlink(), (out / "manifest.json").unlink()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="cocomix"):
+            res = run_extract(ExtractConfig(out=str(out), **kw))
+        assert torch.get_num_threads() == 2  # the caller's setting comes back
+    finally:
+        torch.set_num_threads(threads)
+    assert res.shards_computed == 1 and shard_bytes(out) == before
+    assert "computing with the 1 CPU threads the folder was started with" in caplog.text
+    assert json.loads((out / "plan.json").read_text())["compute"] == {"cpu_threads": 1}
 
 
 def test_two_ranks_under_torchrun_equal_one_process(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):

@@ -91,7 +91,8 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_non_empty_out_is_refused_unless_overwrite(tmp_path, token_store):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-0000001" / "complete").write_text("")  # a run worth keeping
     (out / "metrics.jsonl").write_text("old\n")
     with pytest.raises(CocomixError, match="--overwrite"):
         pretrain(out, token_store, max_steps=1)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -94,6 +95,14 @@ def _writer(out, store, meta, windows_per_shard=5):
                         token_dtype=store.dtype)
 
 
+def _started(out, store, meta) -> None:
+    """A folder with one finished shard (a plan that finished none is replaced by a retry with other settings)."""
+    with _writer(out, store, meta) as w:
+        spec = w.plan[0]
+        w.write_shard(spec, store.split(spec.split).read(spec.start, spec.end), np.zeros((spec.rows, K), np.uint16),
+                      np.zeros((spec.rows, K), np.float32))
+
+
 def test_target_folder_resumes_after_inputs_moved(tmp_path, store):
     out = tmp_path / "t"
     _writer(out, store, _meta(store)).__exit__()
@@ -112,7 +121,7 @@ def test_target_folder_resumes_after_inputs_moved(tmp_path, store):
 def test_other_hub_teacher_is_refused(tmp_path, store, teacher, what):
     hub = {"id": "gpt2", "revision": "r1", "n_layer": 3, "d_model": 32}
     out = tmp_path / "t"
-    _writer(out, store, {**_meta(store), "teacher": hub}).__exit__()
+    _started(out, store, {**_meta(store), "teacher": hub})
     with pytest.raises(MismatchError) as err:
         _writer(out, store, {**_meta(store), "teacher": {**hub, **teacher}})
     assert what in str(err.value)
@@ -120,7 +129,7 @@ def test_other_hub_teacher_is_refused(tmp_path, store, teacher, what):
 
 def test_other_sae_or_store_content_is_refused(tmp_path, store):
     out = tmp_path / "t"
-    _writer(out, store, _meta(store)).__exit__()
+    _started(out, store, _meta(store))
     with pytest.raises(MismatchError, match="meta.sae.sha256"):
         _writer(out, store, _meta(store, sae={"sha256": "c" * 64}))
     tokens = copy.deepcopy(store.provenance())
@@ -131,7 +140,7 @@ def test_other_sae_or_store_content_is_refused(tmp_path, store):
 
 def test_refusal_names_the_differing_leaf_keys(tmp_path, store):
     out = tmp_path / "t"
-    _writer(out, store, _meta(store)).__exit__()
+    _started(out, store, _meta(store))
     with pytest.raises(MismatchError) as err:
         _writer(out, store, _meta(store, sae={"k": 16}))
     message = str(err.value)
@@ -139,3 +148,10 @@ def test_refusal_names_the_differing_leaf_keys(tmp_path, store):
     with pytest.raises(MismatchError) as err:
         _writer(out, store, _meta(store), windows_per_shard=3)
     assert "windows per shard: 5 vs 3" in str(err.value) and "'start'" not in str(err.value)
+
+
+def test_a_plan_that_finished_no_shard_is_replaced_by_other_settings(tmp_path, store):
+    out = tmp_path / "t"
+    _writer(out, store, _meta(store)).__exit__()
+    _writer(out, store, _meta(store, sae={"k": 16})).__exit__()  # no MismatchError: nothing would be lost
+    assert json.loads((out / "plan.json").read_text())["meta"]["sae"]["k"] == 16

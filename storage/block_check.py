@@ -1,0 +1,156 @@
+"""Per-block CRC32C of target shards: bit rot is caught where the bytes are read.
+
+A shard's sha256 proves the whole file, but hashing every shard before training costs
+minutes, and a restart only re-hashes files whose size or mtime changed (a flipped bit
+changes neither). So the writer also records, in each shard's sidecar (and so in the
+manifest entry), a CRC32C per block of :data:`BLOCK_ROWS` rows of every column::
+
+    "block_crc32c": {"rows_per_block": 16384, "columns": {"token": [crc, ...], "concept_ids": [...], ...}}
+
+and the reader checks a block the first time this process hands any of its rows out
+(:class:`BlockChecker`), at several GB/s (google-crc32c). The checksums run over each
+column's value buffer, rows first, so they work for any fixed-width column (scalars or
+fixed-size lists) and any set of columns; a folder written before block checksums is
+read with a one-line notice naming the upgrade command (``cocomix verify DIR --upgrade``).
+
+The same pass refuses label ids at or above the SAE's latents (a tampered shard must
+never reach an embedding lookup).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from cocomix.pipeline.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+KEY = "block_crc32c"
+BLOCK_ROWS = 16384  #: rows per checksummed block (about 0.4 MB of a k_attr=4 shard)
+
+
+def crc32c(data: np.ndarray) -> int:
+    """CRC32C of an array's bytes in C order: the ``crc32c`` package (hardware instructions, reads the
+    buffer in place), else google-crc32c (whose C entry point takes ``bytes``: one copy)."""
+    data = np.ascontiguousarray(data)
+    if _crc32c_pkg is not None:
+        return int(_crc32c_pkg.crc32c(data))
+    import google_crc32c
+
+    return int(google_crc32c.value(data.tobytes()))
+
+
+try:
+    import crc32c as _crc32c_pkg
+except ImportError:  # pragma: no cover - a declared dependency; google-crc32c (zarr's) is the fallback
+    _crc32c_pkg = None
+
+
+def column_rows(batch) -> dict[str, np.ndarray]:
+    """Every column of an Arrow record batch as a zero-copy numpy array with rows first
+    (fixed-width scalars -> [n], fixed-size lists of them -> [n, width])."""
+    import pyarrow as pa
+
+    out = {}
+    n = batch.num_rows
+    for name, column in zip(batch.schema.names, batch.columns):
+        if pa.types.is_fixed_size_list(column.type):
+            out[name] = column.flatten().to_numpy(zero_copy_only=True).reshape(n, column.type.list_size)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=True)
+    return out
+
+
+def block_crcs(columns: dict[str, np.ndarray], block_rows: int | None = None) -> dict:
+    """The sidecar record: CRC32C per block of ``block_rows`` (default :data:`BLOCK_ROWS`) rows of every column."""
+    block_rows = block_rows or BLOCK_ROWS
+    n = len(next(iter(columns.values()))) if columns else 0
+    return {"rows_per_block": block_rows,
+            "columns": {name: [crc32c(arr[a:a + block_rows]) for a in range(0, n, block_rows)] for name, arr in columns.items()}}
+
+
+class BlockChecker:
+    """Checks the blocks of one mapped shard on first use, once per process.
+
+    ``expected`` is the shard's ``block_crc32c`` record (None for folders written before block
+    checksums: only ``validate`` runs then); ``validate(name, rows)`` may refuse a block's
+    content (e.g. label ids out of range) with an :class:`IntegrityError`.
+    """
+
+    def __init__(self, where: str, columns: dict[str, np.ndarray], expected: dict | None,
+                 validate: Callable[[str, np.ndarray], None] | None = None) -> None:
+        self.where, self.columns, self.expected, self.validate = where, columns, expected, validate
+        self.block_rows = int(expected["rows_per_block"]) if expected else BLOCK_ROWS
+        n = len(next(iter(columns.values()))) if columns else 0
+        self.n_blocks = max(1, -(-n // self.block_rows))
+        self.verified = {name: bytearray(self.n_blocks) for name in columns}  #: per column, blocks checked by this process
+        self._done_for: dict[tuple[str, ...] | None, bytearray] = {}
+        if expected is not None:
+            self._check_record(n)
+
+    def _check_record(self, n: int) -> None:
+        blocks = -(-n // self.block_rows)
+        recorded = self.expected.get("columns") or {}
+        if set(recorded) != set(self.columns) or any(len(v) != blocks for v in recorded.values()):
+            raise IntegrityError(f"{self.where}: its block checksums do not describe its columns or rows "
+                                 "(tampered sidecar or manifest); delete the shard and run the extract again")
+
+    def check(self, lo: int, hi: int, columns: tuple[str, ...] | None = None) -> None:
+        """Verify the not-yet-verified blocks that rows ``[lo, hi)`` touch, of ``columns`` (default: all)."""
+        if hi <= lo:
+            return
+        done = self._done_for.get(columns)  # per column selection: the hot path is one lookup and one index
+        if done is None:
+            done = self._done_for[columns] = bytearray(self.n_blocks)
+        for b in range(lo // self.block_rows, (hi - 1) // self.block_rows + 1):
+            if done[b]:
+                continue
+            for name in self.columns if columns is None else columns:
+                if not self.verified[name][b]:
+                    self._check_block(name, b)
+                    self.verified[name][b] = 1
+            done[b] = 1
+
+    def check_all(self) -> None:
+        n = len(next(iter(self.columns.values()))) if self.columns else 0
+        self.check(0, n)
+
+    def _check_block(self, name: str, b: int) -> None:
+        a = b * self.block_rows
+        rows = self.columns[name][a:a + self.block_rows]
+        if self.expected is not None and crc32c(rows) != self.expected["columns"][name][b]:
+            raise IntegrityError(f"{self.where}: rows [{a}, {a + len(rows)}) of column {name!r} fail their CRC32C "
+                                 "(bit rot or tampering); delete the shard and run the extract again")
+        if self.validate is not None:
+            self.validate(name, rows)
+
+
+def label_range_check(where: str, n_latents: int, ignore: int, column: str = "concept_ids") -> Callable[[str, np.ndarray], None]:
+    """A ``validate`` for :class:`BlockChecker`: every label id of ``column`` is a latent or ``ignore``."""
+    def validate(name: str, rows: np.ndarray) -> None:
+        if name != column or not n_latents:
+            return
+        signed = np.dtype(f"i{rows.dtype.itemsize}")
+        if rows.size and ignore == np.iinfo(rows.dtype).max and n_latents <= np.iinfo(signed).max + 1:
+            as_signed = rows.view(signed)  # ignore (all ones) reads -1, an id past the signed range reads < -1
+            if int(as_signed.min()) >= -1 and int(as_signed.max()) < n_latents:
+                return  # two vectorised reductions, no temporary
+        bad = (rows >= n_latents) & (rows != ignore)
+        if bad.any():
+            raise IntegrityError(f"{where} holds label id {int(rows[bad][0])}, but the SAE has {n_latents} latents "
+                                 "(tampered or corrupt); delete the shard and run the extract again")
+    return validate
+
+
+_noticed: set[str] = set()
+
+
+def notice_missing(folder: str) -> None:
+    """Once per folder and process: an older folder without block checksums."""
+    if folder in _noticed:
+        return
+    _noticed.add(folder)
+    log.warning("targets %s have no block checksums (written by an older cocomix): bit rot in an unchanged file goes "
+                "unnoticed; run `cocomix verify %s --upgrade` once to add them", folder, folder)
