@@ -34,9 +34,10 @@ BLOCK_ROWS = 16384  #: rows per checksummed block (about 0.4 MB of a k_attr=4 sh
 def crc32c(data: np.ndarray) -> int:
     """CRC32C of an array's bytes in C order: the ``crc32c`` package (hardware instructions, reads the
     buffer in place), else google-crc32c (whose C entry point takes ``bytes``: one copy)."""
-    data = np.ascontiguousarray(data)
-    if _crc32c_pkg is not None:
-        return int(_crc32c_pkg.crc32c(data))
+    return _crc(np.ascontiguousarray(data))
+
+
+def _google_crc(data: np.ndarray) -> int:
     import google_crc32c
 
     return int(google_crc32c.value(data.tobytes()))
@@ -46,6 +47,8 @@ try:
     import crc32c as _crc32c_pkg
 except ImportError:  # pragma: no cover - a declared dependency; google-crc32c (zarr's) is the fallback
     _crc32c_pkg = None
+#: CRC32C of a C-contiguous array (a block of a mapped column: rows first, so always contiguous)
+_crc: Callable[[np.ndarray], int] = _crc32c_pkg.crc32c if _crc32c_pkg is not None else _google_crc
 
 
 def column_rows(batch) -> dict[str, np.ndarray]:
@@ -80,13 +83,17 @@ class BlockChecker:
     """
 
     def __init__(self, where: str, columns: dict[str, np.ndarray], expected: dict | None,
-                 validate: Callable[[str, np.ndarray], None] | None = None) -> None:
+                 validate: Callable[[str, np.ndarray], None] | None = None, state: dict | None = None) -> None:
+        columns = {name: np.ascontiguousarray(arr) for name, arr in columns.items()}  # mapped columns already are: no copy
         self.where, self.columns, self.expected, self.validate = where, columns, expected, validate
         self.block_rows = int(expected["rows_per_block"]) if expected else BLOCK_ROWS
         n = len(next(iter(columns.values()))) if columns else 0
         self.n_blocks = max(1, -(-n // self.block_rows))
-        self.verified = {name: bytearray(self.n_blocks) for name in columns}  #: per column, blocks checked by this process
-        self._done_for: dict[tuple[str, ...] | None, bytearray] = {}
+        # ``state``: the flags of a reader's earlier mapping of the same file (they outlive an unmapped shard)
+        state = {} if state is None else state
+        #: per column, blocks checked by this process
+        self.verified: dict[str, bytearray] = state.setdefault("verified", {name: bytearray(self.n_blocks) for name in columns})
+        self._done_for: dict[tuple[str, ...] | None, bytearray] = state.setdefault("done_for", {})
         if expected is not None:
             self._check_record(n)
 
@@ -101,42 +108,63 @@ class BlockChecker:
         """Verify the not-yet-verified blocks that rows ``[lo, hi)`` touch, of ``columns`` (default: all)."""
         if hi <= lo:
             return
-        done = self._done_for.get(columns)  # per column selection: the hot path is one lookup and one index
+        done = self._done_for.get(columns)  # per column selection: the hot path is one lookup and two indexes
         if done is None:
-            done = self._done_for[columns] = bytearray(self.n_blocks)
-        for b in range(lo // self.block_rows, (hi - 1) // self.block_rows + 1):
-            if done[b]:
-                continue
-            for name in self.columns if columns is None else columns:
-                if not self.verified[name][b]:
-                    self._check_block(name, b)
-                    self.verified[name][b] = 1
-            done[b] = 1
+            done = self._done_for.setdefault(columns, bytearray(self.n_blocks))
+        first, last = lo // self.block_rows, (hi - 1) // self.block_rows
+        if done[first] and done[last] and (last - first < 2 or all(done[first:last + 1])):
+            return
+        names = self.columns if columns is None else columns
+        for b in range(first, last + 1):
+            if not done[b]:
+                self._check_block(b, names)
+                done[b] = 1
 
     def check_all(self) -> None:
         n = len(next(iter(self.columns.values()))) if self.columns else 0
         self.check(0, n)
 
-    def _check_block(self, name: str, b: int) -> None:
+    def _check_block(self, b: int, names) -> None:
+        """Block ``b`` of each column in ``names`` not yet verified by this process: CRC32C, then ``validate``
+        on the same rows while they are still in the CPU cache."""
         a = b * self.block_rows
-        rows = self.columns[name][a:a + self.block_rows]
-        if self.expected is not None and crc32c(rows) != self.expected["columns"][name][b]:
-            raise IntegrityError(f"{self.where}: rows [{a}, {a + len(rows)}) of column {name!r} fail their CRC32C "
-                                 "(bit rot or tampering); delete the shard and run the extract again")
-        if self.validate is not None:
-            self.validate(name, rows)
+        for name in names:
+            verified = self.verified[name]
+            if verified[b]:
+                continue
+            rows = self.columns[name][a:a + self.block_rows]
+            if self.expected is not None and _crc(rows) != self.expected["columns"][name][b]:
+                raise IntegrityError(f"{self.where}: rows [{a}, {a + len(rows)}) of column {name!r} fail their CRC32C "
+                                     "(bit rot or tampering); delete the shard and run the extract again")
+            if self.validate is not None:
+                self.validate(name, rows)
+            verified[b] = 1
 
 
 def label_range_check(where: str, n_latents: int, ignore: int, column: str = "concept_ids") -> Callable[[str, np.ndarray], None]:
-    """A ``validate`` for :class:`BlockChecker`: every label id of ``column`` is a latent or ``ignore``."""
+    """A ``validate`` for :class:`BlockChecker`: every label id of ``column`` is a latent or ``ignore``.
+
+    For unsigned ids whose ignore id is the dtype's all-ones value (how the writer stores them), the
+    ids are read as signed in place: ignore reads -1 and an id past the signed range reads below -1,
+    so two vectorised reductions (min >= -1, max < n_latents) decide, with no temporary; what that
+    takes per dtype is worked out once, not per block."""
+    fast: dict[np.dtype, np.dtype | None] = {}  # ids dtype -> its signed view (None: the plain path)
+
+    def signed_view(dtype: np.dtype) -> np.dtype | None:
+        if dtype not in fast:
+            signed = np.dtype(f"i{dtype.itemsize}") if dtype.kind == "u" else None
+            ok = signed is not None and ignore == np.iinfo(dtype).max and n_latents <= np.iinfo(signed).max + 1
+            fast[dtype] = signed if ok else None
+        return fast[dtype]
+
     def validate(name: str, rows: np.ndarray) -> None:
-        if name != column or not n_latents:
+        if name != column or not n_latents or not rows.size:
             return
-        signed = np.dtype(f"i{rows.dtype.itemsize}")
-        if rows.size and ignore == np.iinfo(rows.dtype).max and n_latents <= np.iinfo(signed).max + 1:
-            as_signed = rows.view(signed)  # ignore (all ones) reads -1, an id past the signed range reads < -1
-            if int(as_signed.min()) >= -1 and int(as_signed.max()) < n_latents:
-                return  # two vectorised reductions, no temporary
+        signed = signed_view(rows.dtype)
+        if signed is not None:
+            as_signed = rows.view(signed)
+            if as_signed.min() >= -1 and as_signed.max() < n_latents:
+                return
         bad = (rows >= n_latents) & (rows != ignore)
         if bad.any():
             raise IntegrityError(f"{where} holds label id {int(rows[bad][0])}, but the SAE has {n_latents} latents "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -111,6 +112,8 @@ class TargetReader:
                                        key=lambda e: e["start"]) for s in self.splits for r in self.offsets}
         self._starts = {key: [e["start"] for e in entries] for key, entries in self._by_set.items()}
         self._open: OrderedDict[str, _Shard] = OrderedDict()
+        self._open_lock = threading.Lock()  # the prefetch thread and the main thread (validation) may map shards at once
+        self._block_state: dict[str, dict] = {}  #: per shard, the blocks this process verified (kept when it is unmapped)
         self._checked: set[str] = set()
 
     @classmethod
@@ -154,14 +157,15 @@ class TargetReader:
     def shard_views(self, entry: dict) -> _Shard:
         """Memory-map one shard and return zero-copy views (cached, at most OPEN_SHARDS open)."""
         key = entry["path"]
-        if key in self._open:
-            self._open.move_to_end(key)
-            return self._open[key]
-        shard = self._map(entry)
-        self._open[key] = shard
-        if len(self._open) > OPEN_SHARDS:
-            self._open.popitem(last=False)
-        return shard
+        with self._open_lock:
+            if key in self._open:
+                self._open.move_to_end(key)
+                return self._open[key]
+            shard = self._map(entry)
+            self._open[key] = shard
+            if len(self._open) > OPEN_SHARDS:
+                self._open.popitem(last=False)
+            return shard
 
     def _map(self, entry: dict) -> _Shard:
         import pyarrow as pa
@@ -183,7 +187,8 @@ class TargetReader:
         if entry.get(block_check.KEY) is None:
             block_check.notice_missing(str(self.path))
         blocks = block_check.BlockChecker(where, block_check.column_rows(batch), entry.get(block_check.KEY),
-                                          block_check.label_range_check(where, self.n_latents, self.ignore_id))
+                                          block_check.label_range_check(where, self.n_latents, self.ignore_id),
+                                          self._block_state.setdefault(entry["path"], {}))
         return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr),
                       extra_column_views(batch, self.extra_columns), blocks)
 

@@ -114,3 +114,45 @@ def test_tampered_block_record_is_refused(copy):
 def test_crc32c_matches_the_reference_value():
     """CRC32C check value of the ASCII digits 1..9 (RFC 3720), through our array entry point."""
     assert block_check.crc32c(np.frombuffer(b"123456789", dtype=np.uint8)) == 0xE3069283
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32])
+def test_label_range_check_agrees_with_the_plain_comparison(dtype):
+    """The signed-view shortcut (two reductions) refuses exactly what ``(ids >= n) & (ids != ignore)`` refuses."""
+    n_latents = 300
+    ignore = int(np.iinfo(dtype).max) if np.dtype(dtype).kind == "u" else -100
+    validate = block_check.label_range_check("shard x", n_latents, ignore)
+    rng = np.random.default_rng(0)
+    for bad in [None, n_latents, n_latents + 7, int(np.iinfo(dtype).max) - 1, int(np.iinfo(dtype).max) // 2 + 1]:
+        rows = rng.integers(0, n_latents, (64, 4)).astype(dtype)
+        rows[::5, 2:] = ignore
+        if bad is not None:
+            rows[17, 1] = bad
+        plain_refuses = bool(((rows >= n_latents) & (rows != ignore)).any())
+        assert plain_refuses == (bad is not None)
+        if plain_refuses:
+            with pytest.raises(IntegrityError, match=f"holds label id {bad}, but the SAE has {n_latents} latents"):
+                validate("concept_ids", rows)
+        else:
+            validate("concept_ids", rows)
+        validate("token", rows)  # other columns are not label ids
+
+
+def test_blocks_are_checked_once_per_process_even_after_the_shard_is_unmapped(copy, monkeypatch):
+    """With one shard open at a time, reading shard 0, then 1, then 0 again re-maps shard 0 but hashes nothing again."""
+    from cocomix.storage import target_reader
+
+    monkeypatch.setattr(target_reader, "OPEN_SHARDS", 1)
+    calls = []
+    real = block_check._crc
+    monkeypatch.setattr(block_check, "_crc", lambda rows: calls.append(len(rows)) or real(rows))
+    reader = TargetReader.open(copy)
+    first, second = reader.manifest["shards"][0], reader.manifest["shards"][1]
+    reader.window("train", first["start"], first["start"] + 4, check=("token",))
+    assert len(calls) == 1
+    reader.window("train", second["start"], second["start"] + 4, check=("token",))
+    assert len(calls) == 2 and list(reader._open) == [second["path"]]
+    reader.window("train", first["start"] + 1, first["start"] + 3, check=("token",))
+    assert len(calls) == 2  # re-mapped, already verified
+    reader.window("train", first["start"], first["start"] + 4, check=("token", "concept_ids"))
+    assert len(calls) == 3  # only the column not yet verified
