@@ -35,10 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from cocomix.stage1_extract import official
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
 from cocomix.stage1_extract.kd_samples import batch_uniforms
-from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.sae.model import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
@@ -149,7 +150,7 @@ def agreement(ours, ref) -> float:
     """Share of slots with a positive official score where (a) has the same latent."""
     vals, idx = ref
     valid = vals > 0
-    return float((ours.ids_BTA[valid] == idx[valid]).float().mean()) if valid.any() else float("nan")
+    return float((ours.ids_BTK[valid] == idx[valid]).float().mean()) if valid.any() else float("nan")
 
 
 def main() -> None:

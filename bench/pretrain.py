@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.core.layernorm import layernorm_unbiased
 from cocomix.stage2_pretrain.data import MicroBatch
 from cocomix.stage2_pretrain.methods import MethodSpec, StudentShape, build_student, match_width, micro_loss
 from cocomix.stage2_pretrain.model import ConceptBottleneck, ConceptStep, concept_ce

@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cocomix.stage1_extract import sae_train as st
+from cocomix.core.layernorm import layernorm_unbiased
 from cocomix.stage1_extract.config import SaeTrainConfig
-from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.stage1_extract.sae import recipe as sae_recipe
 
 D, L, K = 768, 32768, 32
 
@@ -46,8 +46,8 @@ def timed(fns: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def make_sae(x_ND: torch.Tensor) -> st.TopKSAE:
-    return st.init_sae(x_ND, L, K, torch.Generator().manual_seed(0))
+def make_sae(x_ND: torch.Tensor) -> sae_recipe.TopKSAE:
+    return sae_recipe.init_sae(x_ND, L, K, torch.Generator().manual_seed(0))
 
 
 def bench_decode(sae, x_ND, reps: int) -> dict[str, float]:
@@ -76,22 +76,22 @@ def dense_step(sae, opt, x_ND, cfg, mse_scale) -> None:
     dead_L = torch.ones(L, dtype=torch.bool)
     aux = pre_NL.masked_fill(~dead_L, -math.inf).topk(cfg.auxk, dim=-1)
     z_aux_NL = torch.zeros_like(pre_NL).scatter(-1, aux.indices, F.relu(aux.values))
-    loss = (recons_ND - x_ND).pow(2).mean() * mse_scale + cfg.auxk_coef * st.normalized_mse(z_aux_NL @ sae.W_dec.T, x_ND - recons_ND.detach())
+    loss = (recons_ND - x_ND).pow(2).mean() * mse_scale + cfg.auxk_coef * sae_recipe.normalized_mse(z_aux_NL @ sae.W_dec.T, x_ND - recons_ND.detach())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    st.project_decoder_grad_(sae)
+    sae_recipe.project_decoder_grad_(sae)
     opt.step()
-    st.normalize_decoder_(sae)
+    sae_recipe.normalize_decoder_(sae)
 
 
 def bench_step(x_ND, reps: int) -> dict[str, float]:
     cfg = SaeTrainConfig(teacher="t", tokens="s", layer=0, out="o", latents=L, k=K, dead_tokens=1)
     ours, plain = make_sae(x_ND), make_sae(x_ND)
-    opt_ours = torch.optim.Adam(ours.parameters(), lr=cfg.lr, eps=st.ADAM_EPS)
-    opt_plain = torch.optim.Adam(plain.parameters(), lr=cfg.lr, eps=st.ADAM_EPS)
-    tracker = st.DeadTracker(L, torch.device("cpu"))
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=cfg.lr, eps=sae_recipe.ADAM_EPS)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=cfg.lr, eps=sae_recipe.ADAM_EPS)
+    tracker = sae_recipe.DeadTracker(L, torch.device("cpu"))
     tracker.since_L += 10  # every latent dead: AuxK always on, as in the dense variant
-    return timed({"train_step (sparse grads, sparse decode)": lambda: st.train_step(ours, opt_ours, x_ND, tracker, cfg, 1.0),
+    return timed({"train_step (sparse grads, sparse decode)": lambda: sae_recipe.train_step(ours, opt_ours, x_ND, tracker, cfg, 1.0),
                   "dense step (OpenAI model.py arithmetic)": lambda: dense_step(plain, opt_plain, x_ND, cfg, 1.0)}, reps)
 
 

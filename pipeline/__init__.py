@@ -1,4 +1,4 @@
-"""cocomix.pipeline: the CLI, presets, workspace layout and the offline quickstart."""
+"""cocomix.pipeline: the roof: the CLI and the chained commands (quickstart, tokenize then extract)."""
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -1,15 +1,15 @@
 """The ``cocomix`` command line.
 
-Every command is a config dataclass (fields = flags, see :mod:`cocomix.pipeline.configs`)
+Every command is a config dataclass (fields = flags, see :mod:`cocomix.core.configs`)
 plus a run function imported lazily, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
 import typer
 
+from cocomix.core.configs import add_command
+from cocomix.core.logs import setup_logging
 from cocomix.pipeline import __version__
-from cocomix.pipeline.configs import add_command
-from cocomix.pipeline.logs import setup_logging
 from cocomix.pipeline.quickstart import QuickstartConfig
 from cocomix.pipeline.study import StudyConfig
 from cocomix.stage1_extract.config import ExtractConfig, SaeTrainConfig
@@ -50,12 +50,12 @@ COMMANDS = {
     "inspect": (app, InspectConfig, "cocomix.storage.inspect:run_inspect"),
     "verify": (app, VerifyConfig, "cocomix.storage.verify:run_verify"),
     "extract": (app, ExtractConfig, "cocomix.stage1_extract.extract:run_extract"),
-    "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae_train:run_sae_train"),
+    "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae.train:run_sae_train"),
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),
     "compare": (app, CompareConfig, "cocomix.stage2_pretrain.compare:run_compare"),
     "generate": (app, GenerateConfig, "cocomix.stage2_pretrain.generate:run_generate"),
-    "steer": (app, SteerConfig, "cocomix.stage2_pretrain.steer:run_steer"),
+    "steer": (app, SteerConfig, "cocomix.pipeline.steer:run_steer"),
     "quickstart": (app, QuickstartConfig, "cocomix.pipeline.quickstart:run_quickstart"),
     "study": (app, StudyConfig, "cocomix.pipeline.study:run_study"),
     "concepts describe": (concepts_app, DescribeConfig, "cocomix.stage2_pretrain.concepts_describe:run_describe"),

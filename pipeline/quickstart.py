@@ -23,10 +23,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cocomix.pipeline.configs import flag
-from cocomix.pipeline.errors import ConfigError
-from cocomix.pipeline.logs import console
-from cocomix.pipeline.workspace import workspace_root
+from cocomix.core.configs import flag
+from cocomix.core.errors import ConfigError
+from cocomix.core.logs import console
+from cocomix.core.workspace import workspace_root
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _pretrain(method: str, out: Path, cfg: QuickstartConfig, *, tokens: Path, ta
 
 def _teacher_and_sae(paths: dict[str, Path], cfg: QuickstartConfig):
     from cocomix.stage1_extract.config import SaeTrainConfig
-    from cocomix.stage1_extract.sae_train import run_sae_train
+    from cocomix.stage1_extract.sae.train import run_sae_train
 
     # Wider than the students, and another seed than theirs (never a copy of the NTP student).
     teacher = _pretrain("ntp", paths["teacher"], cfg, tokens=paths["tokens"], targets=None, steps=cfg.teacher_steps,

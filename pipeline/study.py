@@ -24,13 +24,20 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocomix.pipeline.configs import arg, flag, flag_name
-from cocomix.pipeline.errors import CocomixError, ConfigError
-from cocomix.pipeline.logs import console
-from cocomix.pipeline.workspace import workspace_root
-
+from cocomix.core.configs import arg, flag, flag_name
+from cocomix.core.errors import CocomixError, ConfigError
+from cocomix.core.logs import console
+from cocomix.core.workspace import workspace_root
 from cocomix.pipeline import study_report as report
-from cocomix.pipeline.study_spec import Spec, extract_config, load_spec, pretrain_config, run_dir, task_eval_config, validate
+from cocomix.pipeline.study_spec import (
+    Spec,
+    extract_config,
+    load_spec,
+    pretrain_config,
+    run_dir,
+    task_eval_config,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 

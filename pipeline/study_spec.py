@@ -17,14 +17,15 @@ and the key.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cocomix.pipeline.configs import flag_name
-from cocomix.pipeline.errors import ConfigError
+import tomllib
+
+from cocomix.core.configs import flag_name
+from cocomix.core.errors import ConfigError
 
 SPEC_DIR = "study_specs"
 TOP_KEYS = {"study", "inputs", "targets", "defaults", "runs"}

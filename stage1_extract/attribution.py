@@ -27,7 +27,7 @@ depend on what else shares its batch; the official mean over the whole batch onl
 rescales every score of a batch of B windows by 1/B, which leaves the labels unchanged.
 
 Shape legend: ``B`` windows, ``T`` tokens, ``D`` model width, ``V`` vocabulary,
-``L`` SAE latents, ``K`` SAE active latents, ``A`` labels kept per token (k_attr), ``N`` B*T,
+``L`` SAE latents, ``Z`` SAE active latents (TopK k), ``K`` labels kept per token (k_attr), ``N`` B*T,
 ``S`` KD samples per token.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cocomix.stage1_extract.kd_samples import sample_from_logits, sample_from_probs
-from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.sae.model import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher, embed, run_blocks
 
 HEAD_CHUNK_TOKENS = 2048  #: rows of logits ([rows, V] fp32: 400 MB at V = 50257) alive at once
@@ -65,8 +65,8 @@ class AttributionSpec:
 class WindowLabels(NamedTuple):
     """Labels of a batch of equal-length windows."""
 
-    ids_BTA: torch.Tensor  #: int64 latent ids, best first; ``ignore_id`` where no positive score
-    scores_BTA: torch.Tensor  #: float32 scores; 0 where the id is ``ignore_id``
+    ids_BTK: torch.Tensor  #: int64 latent ids, best first; ``ignore_id`` where no positive score
+    scores_BTK: torch.Tensor  #: float32 scores; 0 where the id is ``ignore_id``
     loss_B: torch.Tensor  #: per-window mean next-token CE (NaN-free unless the teacher diverged)
     finite_B: torch.Tensor  #: bool: the window's activation and loss are finite
     kd_ids_BTS: torch.Tensor | None = None  #: int64 token ids sampled from the teacher's next-token softmax
@@ -206,39 +206,39 @@ def decoder_rows(sae: TopKSAE) -> torch.Tensor:
     return cached[1]
 
 
-def active_scores(g_ND: torch.Tensor, W_LD: torch.Tensor, idx_NK: torch.Tensor, val_NK: torch.Tensor,
+def active_scores(g_ND: torch.Tensor, W_LD: torch.Tensor, idx_NZ: torch.Tensor, val_NZ: torch.Tensor,
                   chunk: int = GATHER_CHUNK_TOKENS) -> torch.Tensor:
-    """``(g . W_dec[:, idx]) * val`` for the K active latents of each row: [N, K], by gather.
+    """``(g . W_dec[:, idx]) * val`` for the K active latents of each row: [N, Z], by gather.
 
     ``W_LD`` holds the decoder columns as rows. Each chunk gathers its [n, K, D] columns
     and takes the K dot products; nothing of size [N, L] exists.
     """
-    N, K = idx_NK.shape
-    out_NK = torch.empty(N, K, dtype=g_ND.dtype, device=g_ND.device)
+    N, K = idx_NZ.shape
+    out_NZ = torch.empty(N, K, dtype=g_ND.dtype, device=g_ND.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        cols_nKD = W_LD.index_select(0, idx_NK[s:e].reshape(-1)).view(e - s, K, -1)
+        cols_nKD = W_LD.index_select(0, idx_NZ[s:e].reshape(-1)).view(e - s, K, -1)
         dots_nK = (cols_nKD * g_ND[s:e].unsqueeze(1)).sum(-1)  # faster than bmm's n matrix-vector products
-        out_NK[s:e] = dots_nK * val_NK[s:e]
-    return out_NK
+        out_NZ[s:e] = dots_nK * val_NZ[s:e]
+    return out_NZ
 
 
 def dense_pre_scores(g_ND: torch.Tensor, W_dec_DL: torch.Tensor, pre_NL: torch.Tensor, k_attr: int):
-    """Paper Eq. 1: ``(g @ W_dec) * pre`` over all latents, top ``k_attr``: ([N, A] scores, [N, A] ids)."""
+    """Paper Eq. 1: ``(g @ W_dec) * pre`` over all latents, top ``k_attr``: ([N, K] scores, [N, K] ids)."""
     return ((g_ND @ W_dec_DL) * pre_NL).topk(k_attr, dim=-1)
 
 
 def keep_positive(scores_NC: torch.Tensor, ids_NC: torch.Tensor, k_attr: int, ignore_id: int):
     """The ``k_attr`` largest strictly positive scores, best first; other slots ``ignore_id`` / 0."""
     k = min(k_attr, scores_NC.shape[-1])
-    best_NA, pick_NA = scores_NC.topk(k, dim=-1)
-    ids_NA = ids_NC.gather(-1, pick_NA)
+    best_NK, pick_NK = scores_NC.topk(k, dim=-1)
+    ids_NK = ids_NC.gather(-1, pick_NK)
     if k < k_attr:  # the SAE has fewer active latents than labels requested: pad
         pad = k_attr - k
-        best_NA = F.pad(best_NA, (0, pad), value=0.0)
-        ids_NA = F.pad(ids_NA, (0, pad), value=ignore_id)
-    valid_NA = best_NA > 0
-    return torch.where(valid_NA, best_NA, 0.0), torch.where(valid_NA, ids_NA, ignore_id)
+        best_NK = F.pad(best_NK, (0, pad), value=0.0)
+        ids_NK = F.pad(ids_NK, (0, pad), value=ignore_id)
+    valid_NK = best_NK > 0
+    return torch.where(valid_NK, best_NK, 0.0), torch.where(valid_NK, ids_NK, ignore_id)
 
 
 def label_batch(teacher: Teacher, sae: TopKSAE, ids_BT: torch.Tensor, spec: AttributionSpec,
@@ -260,23 +260,23 @@ def label_batch(teacher: Teacher, sae: TopKSAE, ids_BT: torch.Tensor, spec: Attr
         loss_B, g_BTD, kd_BTS = loss_and_grad(teacher, h_BTD, mask, pos, ids_BT, spec, u_BTS)
         g_ND = g_BTD.flatten(0, 1)
     with torch.no_grad():
-        scores_NA, ids_NA = select_labels(sae, h_BTD.flatten(0, 1), g_ND, spec)
+        scores_NK, ids_NK = select_labels(sae, h_BTD.flatten(0, 1), g_ND, spec)
     finite_B = h_finite_B & torch.isfinite(loss_B)
-    return WindowLabels(ids_NA.view(B, T, -1), scores_NA.view(B, T, -1).float(), loss_B, finite_B,
+    return WindowLabels(ids_NK.view(B, T, -1), scores_NK.view(B, T, -1).float(), loss_B, finite_B,
                         kd_BTS, h_BTD if spec.store_hidden else None)
 
 
 def select_labels(sae: TopKSAE, h_ND: torch.Tensor, g_ND: torch.Tensor | None, spec: AttributionSpec):
     """SAE encode and label choice, ``ENCODE_CHUNK_TOKENS`` rows at a time (bounds the [n, L] pre-activations)."""
     N, A = h_ND.shape[0], spec.k_attr
-    scores_NA = torch.empty(N, A, dtype=torch.float32, device=h_ND.device)
-    ids_NA = torch.empty(N, A, dtype=torch.int64, device=h_ND.device)
+    scores_NK = torch.empty(N, A, dtype=torch.float32, device=h_ND.device)
+    ids_NK = torch.empty(N, A, dtype=torch.int64, device=h_ND.device)
     for s in range(0, N, ENCODE_CHUNK_TOKENS):
         e = min(N, s + ENCODE_CHUNK_TOKENS)
         g_nD = None if g_ND is None else g_ND[s:e]
         scores_nC, ids_nC = _candidates(sae, h_ND[s:e], g_nD, spec)
-        scores_NA[s:e], ids_NA[s:e] = keep_positive(scores_nC.float(), ids_nC, A, spec.ignore_id)
-    return scores_NA, ids_NA
+        scores_NK[s:e], ids_NK[s:e] = keep_positive(scores_nC.float(), ids_nC, A, spec.ignore_id)
+    return scores_NK, ids_NK
 
 
 def _candidates(sae: TopKSAE, h_nD: torch.Tensor, g_nD: torch.Tensor | None, spec: AttributionSpec):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cocomix.pipeline.configs import flag
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.configs import flag
+from cocomix.core.errors import ConfigError
 
 DEFAULT_TEACHER = "openai-community/gpt2"
 DEFAULT_SAE = "openai:v5_32k/resid_post_mlp/5"

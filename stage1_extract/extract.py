@@ -12,7 +12,6 @@ the same flags recomputes only unfinished shards, and the bytes equal an uninter
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,20 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
-from cocomix.pipeline.workspace import cache_dir, targets_dir, tokens_dir, workspace_root
+from cocomix.core.device import resolve_device
+from cocomix.core.errors import ConfigError, MismatchError
+from cocomix.core.workspace import cache_dir, targets_dir, tokens_dir, workspace_root
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.dist import Dist, init_dist
 from cocomix.stage1_extract.kd_samples import RULE as KD_RULE
 from cocomix.stage1_extract.report import Coverage, ExtractProgress, peak_memory_bytes, print_summary, read_coverage
-from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae
+from cocomix.stage1_extract.sae.io import check_sae_matches_teacher, load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
-from cocomix.stage1_extract.teacher import (check_layer, check_tokenizer, check_vocab, check_window, load_teacher,
-                                            resolve_device)
+from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, check_vocab, check_window, load_teacher
+from cocomix.storage.target_folder import manifest_problem, open_retrying, written
 from cocomix.storage.target_offsets import offsets_record, spread_offsets
-from cocomix.storage.target_reader import load_manifest
-from cocomix.storage.target_writer import folder_identity, sidecar_path
 from cocomix.storage.target_schema import extra_column
 from cocomix.storage.targets import MANIFEST, PLAN, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
@@ -135,8 +133,8 @@ class ShardLabeller:
             window=self.cfg.window, batch_size=self.cfg.batch_size, spec=self.spec,
             id_dtype=self.ids_dt, score_dtype=self.score_dt, on_batch=bar.tokens_done,
         )
-        self.writer.write_shard(shard, labels.tokens_N, labels.ids_NA, labels.scores_NA, labels.extra)
-        self.coverage.add_ids(labels.ids_NA, self.spec.ignore_id)
+        self.writer.write_shard(shard, labels.tokens_N, labels.ids_NK, labels.scores_NK, labels.extra)
+        self.coverage.add_ids(labels.ids_NK, self.spec.ignore_id)
         self.shards += 1
         self.tokens += len(tokens_N)
         bar.shard_done()
@@ -160,12 +158,6 @@ def finish_abandoned(writer, plan, labeller: ShardLabeller, bar: ExtractProgress
             time.sleep(POLL_SECONDS)
 
 
-def written(out: Path, shard) -> bool:
-    """Shard file and its sidecar exist (the sidecar is written last; the checksum is finalize's job)."""
-    final = out / shard.relpath
-    return final.is_file() and sidecar_path(final).is_file()
-
-
 def finalize(writer, out: Path, stats: dict) -> None:
     """Write the manifest, unless this run found everything finished and a manifest in place
     that readers accept and that describes this folder's plan and verified shards."""
@@ -185,36 +177,6 @@ def how_checked(checks: dict) -> str:
         return f": {checks['hashed']} verified by sha256" if checks["hashed"] else ""
     return (f": {checks['hashed']} verified by sha256, {checks['unchanged']} not re-hashed (same size and mtime as when "
             "last hashed; readers check each block's CRC32C, `cocomix verify` re-hashes all)")
-
-
-def manifest_problem(writer, out: Path) -> str | None:
-    """Why the manifest of a folder whose shards are all verified must be rewritten; None if it can stay.
-
-    It must load as readers load it (``load_manifest``), carry plan.json's settings and identity
-    (paths that only locate an input may differ: ``folder_identity``), and list exactly the
-    verified shards' sidecars with the split lengths they cover.
-    """
-    try:
-        manifest = load_manifest(out)
-    except CocomixError as err:
-        return str(err)
-    except AttributeError:  # valid JSON, but not an object
-        return f"{out / MANIFEST} is not a JSON object"
-    plan = json.loads((out / PLAN).read_text())
-    for key in sorted(set(plan) - {"format", "meta", "shards"}):
-        if manifest.get(key) != plan[key]:
-            return f"its {key} is {manifest.get(key)!r}, {PLAN} says {plan[key]!r}"
-    if folder_identity(manifest)["meta"] != folder_identity(plan)["meta"]:
-        return f"its meta differs from {PLAN}"
-    sidecars = [json.loads(sidecar_path(out / s.relpath).read_text()) for s in writer.plan]
-    if manifest.get("shards") != sidecars:
-        return "its shard list differs from the verified shards"
-    lengths: dict[str, int] = {}
-    for s in writer.plan:
-        lengths[s.split] = max(lengths.get(s.split, 0), s.end)
-    if manifest.get("splits") != lengths:
-        return f"its split lengths {manifest.get('splits')} differ from the plan's {lengths}"
-    return None
 
 
 def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
@@ -352,9 +314,9 @@ def open_writer(cfg: ExtractConfig, inputs: Inputs, plan, ids_dt, score_dt, dist
                   compute=compute_record(cfg, inputs.teacher.device))
     writer = None
     if dist.is_main:
-        writer = _open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)
+        writer = open_retrying(inputs.out, overwrite=cfg.overwrite, **kwargs)
     dist.barrier()
-    return writer or _open_retrying(inputs.out, overwrite=False, **kwargs)
+    return writer or open_retrying(inputs.out, overwrite=False, **kwargs)
 
 
 def compute_record(cfg: ExtractConfig, device: torch.device) -> dict:
@@ -378,27 +340,6 @@ def use_recorded_threads(cfg: ExtractConfig, compute: dict, device: torch.device
     elif recorded != torch.get_num_threads():
         log.info("computing with the %d CPU threads the folder was started with (shard bytes depend on it)", recorded)
     torch.set_num_threads(recorded)
-
-
-def _open_retrying(out: Path, attempts: int = 5, **kwargs) -> TargetWriter:
-    """Open the writer; a folder another extract is creating this very moment (its plan.json not
-    yet renamed into place) looks "not empty without plan.json" for a few milliseconds: retry."""
-    for attempt in range(attempts):
-        try:
-            return TargetWriter(out, **kwargs)
-        except MismatchError:
-            raise
-        except CocomixError:
-            racing = (out / PLAN).exists() or _being_created(out)
-            if attempt == attempts - 1 or not racing:
-                raise
-            time.sleep(0.2)
-    raise AssertionError("unreachable")
-
-
-def _being_created(out: Path) -> bool:
-    """Only lock files or temporary files so far: another process is setting the folder up."""
-    return out.is_dir() and all(p.name == ".locks" or p.name.endswith(".tmp") for p in out.iterdir())
 
 
 def run_stats(cfg, labeller: ShardLabeller, dist: Dist, device: torch.device, seconds: float, n_shards: int) -> dict:

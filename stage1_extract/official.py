@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 def sae_state(sae) -> dict:
-    """A :class:`~cocomix.stage1_extract.sae.TopKSAE` as an OpenAI state dict (the keys ``openai_encode`` reads)."""
+    """A :class:`~cocomix.stage1_extract.sae.model.TopKSAE` as an OpenAI state dict (the keys ``openai_encode`` reads)."""
     return {"encoder.weight": sae.W_enc.detach(), "latent_bias": sae.b_enc.detach(), "decoder.weight": sae.W_dec.detach(),
             "pre_bias": sae.b_pre.detach(), "activation_state_dict": {"k": sae.k}}
 

@@ -20,8 +20,8 @@ import torch
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cocomix.pipeline.logs import console
-from cocomix.pipeline.progress import progress_display
+from cocomix.core.logs import console
+from cocomix.core.progress import progress_display
 
 
 class ExtractProgress:
@@ -80,8 +80,8 @@ class Coverage:
     labelled: int = 0  #: tokens with at least one label
     labels: int = 0  #: label slots that hold a latent (not ``ignore_id``)
 
-    def add_ids(self, ids_NA: np.ndarray, ignore_id: int) -> None:
-        valid_N = (ids_NA != ignore_id).sum(1)
+    def add_ids(self, ids_NK: np.ndarray, ignore_id: int) -> None:
+        valid_N = (ids_NK != ignore_id).sum(1)
         self.tokens += len(valid_N)
         self.labelled += int(np.count_nonzero(valid_N))
         self.labels += int(valid_N.sum())

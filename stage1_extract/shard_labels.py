@@ -9,7 +9,7 @@ on which process or rank computes it.
 KD samples are drawn with uniforms keyed by the split and each window's first token
 (:mod:`.kd_samples`), so they too depend only on the position.
 
-Shape legend: ``B`` windows, ``T`` tokens, ``A`` labels per token (k_attr), ``N`` tokens of the shard,
+Shape legend: ``B`` windows, ``T`` tokens, ``K`` labels per token (k_attr), ``N`` tokens of the shard,
 ``S`` KD samples per token, ``D`` teacher width.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
 from cocomix.stage1_extract.kd_samples import batch_uniforms
-from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.sae.model import TopKSAE
 from cocomix.stage1_extract.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ class ShardLabels(NamedTuple):
     """The columns of a target shard, as numpy arrays."""
 
     tokens_N: np.ndarray  #: token ids (the token store's dtype)
-    ids_NA: np.ndarray  #: label ids (uint16/uint32), ``ignore_id`` where no label
-    scores_NA: np.ndarray  #: label scores (float32/float16), 0 where no label
+    ids_NK: np.ndarray  #: label ids (uint16/uint32), ``ignore_id`` where no label
+    scores_NK: np.ndarray  #: label scores (float32/float16), 0 where no label
     extra: dict = {}  #: optional columns: ``kd_ids`` [N, S] (token dtype), ``hidden`` [N, D] float16
 
 
@@ -68,8 +68,8 @@ def label_shard(teacher: Teacher, sae: TopKSAE, tokens_N: np.ndarray, *, split: 
     :class:`NonFiniteError` naming the split and the window on NaN/inf.
     """
     n, A = len(tokens_N), spec.k_attr
-    ids_NA = np.empty((n, A), dtype=id_dtype)
-    scores_NA = np.empty((n, A), dtype=score_dtype)
+    ids_NK = np.empty((n, A), dtype=id_dtype)
+    scores_NK = np.empty((n, A), dtype=score_dtype)
     extra = {}
     if spec.kd_samples:
         extra["kd_ids"] = np.empty((n, spec.kd_samples), dtype=tokens_N.dtype)
@@ -83,15 +83,15 @@ def label_shard(teacher: Teacher, sae: TopKSAE, tokens_N: np.ndarray, *, split: 
         out = label_batch(teacher, sae, ids_BT, spec, u_BTS)
         _check_finite(out.finite_B, split=split, first=start + batch.offset, T=T, window=window)
         rows = slice(batch.offset, batch.offset + ids_BT.numel())
-        ids_NA[rows] = out.ids_BTA.reshape(-1, A).cpu().numpy().astype(id_dtype)
-        scores_NA[rows] = out.scores_BTA.reshape(-1, A).cpu().numpy().astype(score_dtype)
+        ids_NK[rows] = out.ids_BTK.reshape(-1, A).cpu().numpy().astype(id_dtype)
+        scores_NK[rows] = out.scores_BTK.reshape(-1, A).cpu().numpy().astype(score_dtype)
         if spec.kd_samples:
             extra["kd_ids"][rows] = out.kd_ids_BTS.reshape(B * T, -1).cpu().numpy()
         if spec.store_hidden:
             extra["hidden"][rows] = out.hidden_BTD.reshape(B * T, -1).cpu().numpy()
         if on_batch is not None:
             on_batch(ids_BT.numel())
-    return ShardLabels(np.ascontiguousarray(tokens_N), ids_NA, scores_NA, extra)
+    return ShardLabels(np.ascontiguousarray(tokens_N), ids_NK, scores_NK, extra)
 
 
 def _check_finite(finite_B: torch.Tensor, *, split: str, first: int, T: int, window: int) -> None:

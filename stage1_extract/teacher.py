@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 
 log = logging.getLogger(__name__)
 
@@ -185,20 +184,3 @@ def hidden_states_at(teacher: Teacher, input_ids_BT: torch.Tensor, layer: int) -
     with torch.no_grad():
         h_BTD, mask, position_ids = embed(teacher, input_ids_BT)
         return run_blocks(teacher, h_BTD, mask, position_ids, 0, layer + 1)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda (this process's LOCAL_RANK under a launcher) if available, else cpu."""
-    if spec != "auto":
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise ConfigError(f"--device {spec!r} is not a device; pass auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {spec}: CUDA is not available here; pass --device cpu (or auto)")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
+from cocomix.stage2_pretrain.data import DataState
 from cocomix.storage.files import MARKER, atomic_write_json, complete_step_dirs, publish_step_dir, step_dir_name  # noqa: F401 (MARKER: part of this module's layout)
 from cocomix.storage.safe_load import torch_load
-
-from cocomix.stage2_pretrain.data import DataState
 
 log = logging.getLogger(__name__)
 

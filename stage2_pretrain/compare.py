@@ -20,8 +20,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
-
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.config import CompareConfig
 from cocomix.stage2_pretrain.harness import PAPER_TASKS
 
@@ -135,7 +134,7 @@ def print_table(table: MetricTable, title: str = "compare") -> None:
     """A rich table; stderr (when the harness gave one) under each value, the best run in bold."""
     from rich.table import Table
 
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     out = Table(title=title, caption="accuracies in %, avg: mean over the multiple-choice tasks, ±: stderr")
     out.add_column("run", overflow="fold")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cocomix.pipeline.configs import arg, flag, flag_name
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.configs import arg, flag, flag_name
+from cocomix.core.errors import ConfigError
 
 
 def _at_least(cfg, names: tuple[str, ...], low: int) -> None:

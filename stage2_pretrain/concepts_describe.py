@@ -33,12 +33,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
-from cocomix.storage.files import atomic_write_bytes, atomic_write_json
-from cocomix.storage.target_reader import TargetReader
-from cocomix.storage.target_writer import folder_identity
-
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.stage2_pretrain.concepts_config import DescribeConfig
+from cocomix.storage.files import atomic_write_bytes, atomic_write_json
+from cocomix.storage.identity import folder_identity
+from cocomix.storage.target_reader import TargetReader
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +284,7 @@ def token_progress(total: int):
     """A progress bar over target rows (tok/s, ETA); yields its advance function."""
     from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
-    from cocomix.pipeline.progress import progress_display
+    from cocomix.core.progress import progress_display
 
     columns = (TextColumn("[bold]describe"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
@@ -303,7 +302,7 @@ def token_progress(total: int):
 def _print_summary(r: DescribeResult, stats: ConceptStats) -> None:
     from rich.table import Table
 
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     top = np.argsort(-stats.frequency_L, kind="stable")[:5]
     table = Table(title=f"concepts describe -> {r.out}", show_header=False, show_edge=False)

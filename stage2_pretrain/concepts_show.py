@@ -18,10 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
-from cocomix.storage.files import atomic_write_bytes
-
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.concepts_config import ShowConfig
+from cocomix.storage.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def print_concepts(c: TokenConcepts, descriptions: dict[int, dict]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     table = Table(title=f"predicted concepts (top {len(c.concept_ids[0])}; * = outside the active top-{c.k_concept})")
     for col in ("pos", "token", "concepts (id p)"):

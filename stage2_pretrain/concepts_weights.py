@@ -18,8 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cocomix.pipeline.errors import ConfigError
-
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.concepts_config import WeightsConfig
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def run_weights(cfg: WeightsConfig) -> WeightsResult:
 def print_weights(res: WeightsResult) -> None:
     from rich.table import Table
 
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     head = Table(title="W_comp per-concept L2 norms", show_header=False, show_edge=False)
     head.add_row("concepts", f"{len(res.norms_L):,}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cocomix.pipeline.configs import arg, flag, flag_name
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.configs import arg, flag, flag_name
+from cocomix.core.errors import ConfigError
 
 METHODS = ("cocomix", "ntp", "kd", "pause", "pause-kd")  #: the students of .methods
 MIXES = ("interleave", "add", "none")

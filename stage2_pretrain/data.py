@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
-from cocomix.storage.files import atomic_write_json
-
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage2_pretrain.config import EvalConfig
 from cocomix.stage2_pretrain.data import val_starts
 from cocomix.stage2_pretrain.metrics import perplexity
+from cocomix.storage.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +340,7 @@ def window_progress(total: int):
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from cocomix.pipeline.progress import progress_display
+    from cocomix.core.progress import progress_display
 
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("ETA"), TimeRemainingColumn())
@@ -367,7 +366,7 @@ def print_metrics(ckpt: Path) -> None:
 def _print_table(r: EvalResult) -> None:
     from rich.table import Table
 
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     table = Table(title=f"eval {r.ckpt}")
     for col in ("split", "windows", "window", "tokens", "loss", "ppl"):

@@ -26,8 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
-
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.generate_config import GenerateConfig
 from cocomix.stage2_pretrain.kv_cache import InterleavedDecoder
 
@@ -206,7 +205,7 @@ class GenerateResult:
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
-    from cocomix.stage1_extract.teacher import resolve_device
+    from cocomix.core.device import resolve_device
 
     device = resolve_device(cfg.device)
     model = load_for_generation(cfg.ckpt, device)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.core.errors import CocomixError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.core.layernorm import layernorm_unbiased
 
 
 def l1_loss(pred_BTE: torch.Tensor, target_BTE: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
-from cocomix.pipeline.workspace import find_single, workspace_root
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.core.workspace import find_single, workspace_root
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from cocomix.pipeline.errors import ConfigError
-
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.kd import kd_combine, ntp_and_kd
 from cocomix.stage2_pretrain.model import next_token_loss
 from cocomix.stage2_pretrain.presets import PAPER_LATENTS, PAPER_VOCAB, ParamCount, Preset, build_model, count_params

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cocomix.pipeline.errors import ConfigError
-from cocomix.pipeline.logs import console
+from cocomix.core.errors import ConfigError
+from cocomix.core.logs import console
 from cocomix.storage.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from cocomix.stage1_extract.sae import Normalized, layernorm_unbiased
+from cocomix.core.layernorm import Normalized, layernorm_unbiased
 from cocomix.stage2_pretrain.hidden_target import HiddenBottleneck, HiddenPredictor
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from cocomix.pipeline.errors import ConfigError
-
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.optim import Schedule
 from cocomix.stage2_pretrain.presets import Preset, get_preset

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM
 
 PAPER_VOCAB = 50257  #: GPT-2's vocabulary: the paper's students share the teacher's tokenizer

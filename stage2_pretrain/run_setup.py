@@ -15,18 +15,28 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import ConfigError, IntegrityError, MismatchError
-from cocomix.pipeline.workspace import run_dir, workspace_root
-
+from cocomix.core.errors import ConfigError, IntegrityError, MismatchError
+from cocomix.core.workspace import run_dir, workspace_root
 from cocomix.stage2_pretrain import checkpoint as ckpt_io
 from cocomix.stage2_pretrain import rundir
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.data import DataState, TargetSource, TokenSource, TrainStream
 from cocomix.stage2_pretrain.inputs import (
-    TrainInputs, check_label_windows, check_model_matches_targets, open_inputs, spot_check_alignment,
+    TrainInputs,
+    check_label_windows,
+    check_model_matches_targets,
+    open_inputs,
+    spot_check_alignment,
 )
 from cocomix.stage2_pretrain.methods import (
-    MethodSpec, StudentShape, WidthMatch, active_on_meta, build_student, match_width, reference_shape, spec_from_config,
+    MethodSpec,
+    StudentShape,
+    WidthMatch,
+    active_on_meta,
+    build_student,
+    match_width,
+    reference_shape,
+    spec_from_config,
 )
 from cocomix.stage2_pretrain.metrics import RunLog, check_tracker, truncate_metrics
 from cocomix.stage2_pretrain.optim import make_optimizer, make_scheduler

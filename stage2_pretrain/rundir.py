@@ -14,11 +14,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
-from cocomix.storage.files import atomic_write_json, fsync_dir
-from cocomix.storage.token_store import content_identity
-
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.checkpoint import CKPT_DIR
+from cocomix.storage.files import atomic_write_json, fsync_dir
+from cocomix.storage.identity import content_identity
 
 log = logging.getLogger(__name__)
 

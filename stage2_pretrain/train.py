@@ -22,8 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError
-
+from cocomix.core.errors import CocomixError
 from cocomix.stage2_pretrain import checkpoint as ckpt_io
 from cocomix.stage2_pretrain import rundir
 from cocomix.stage2_pretrain.config import PretrainConfig

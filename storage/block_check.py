@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 

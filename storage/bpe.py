@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Configs of the storage commands: ``tokenize``, ``inspect``, ``verify``.
 
-Each field is one CLI flag (see :mod:`cocomix.pipeline.configs`); validation lives in
+Each field is one CLI flag (see :mod:`cocomix.core.configs`); validation lives in
 ``__post_init__`` and raises :class:`ConfigError` naming the flag.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cocomix.pipeline.configs import arg, flag
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.configs import arg, flag
+from cocomix.core.errors import ConfigError
 
 NANOGPT_SEED = 2357  #: nanoGPT's data/openwebtext/prepare.py: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 
 log = logging.getLogger(__name__)
 

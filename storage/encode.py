@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 
 log = logging.getLogger(__name__)
 

@@ -84,3 +84,40 @@ def describe_diff(old: Any, new: Any, *, names: Names = None, special: Special |
     if len(found) > limit:
         shown.append(f"and {len(found) - limit} more")
     return "; ".join(shown)
+
+
+def without_when_hashed(parent: dict, part: str, key: str, *, hashed_by: str) -> dict:
+    """``parent`` with ``parent[part]`` less ``key`` when that part carries a ``hashed_by`` content hash."""
+    value = parent.get(part)
+    if isinstance(value, dict) and value.get(hashed_by):
+        return {**parent, part: {k: v for k, v in value.items() if k != key}}
+    return parent
+
+
+def content_identity(provenance: dict | None) -> dict:
+    """A store's provenance (or ``tokenize``'s identity record) without what only locates or spells
+    its inputs: ``path``, the corpus ``source`` when a fingerprint identifies the corpus, the
+    tokenizer ``name`` when its sha256 does. Every resume check compares this, so a moved store
+    or ``corpus/`` vs ``/abs/corpus`` still matches."""
+    identity = {k: v for k, v in (provenance or {}).items() if k != "path"}
+    identity = without_when_hashed(identity, "corpus", "source", hashed_by="fingerprint")
+    return without_when_hashed(identity, "tokenizer", "name", hashed_by="sha256")
+
+
+def folder_identity(record: dict) -> dict:
+    """What must match for a run to continue a target folder: ``record`` (plan.json or
+    manifest.json) without the paths that only say where an input was found.
+
+    A local teacher is its weights' sha256 (its ``id`` is the folder it was read from), an SAE
+    its file's sha256 (``source`` is the spec as typed), a token store its content provenance
+    (corpus fingerprint, tokenizer sha256, split, counts; ``path``, the corpus ``source`` and the
+    tokenizer ``name`` are spellings). A hub teacher has no sha256: its id and revision count.
+    The paths stay in the record for provenance.
+    """
+    record = {k: v for k, v in record.items() if k != "compute"}  # how, not what: adopted, never compared
+    meta = dict(record.get("meta") or {})
+    meta = without_when_hashed(meta, "teacher", "id", hashed_by="sha256")
+    meta = without_when_hashed(meta, "sae", "source", hashed_by="sha256")
+    if isinstance(meta.get("tokens"), dict):
+        meta["tokens"] = content_identity(meta["tokens"])
+    return {**record, "meta": meta}

@@ -7,8 +7,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cocomix.pipeline.logs import console, process_rank
-from cocomix.pipeline.progress import progress_display
+from cocomix.core.logs import console, process_rank
+from cocomix.core.progress import progress_display
 
 
 class TokenizeProgress:

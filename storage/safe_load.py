@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 

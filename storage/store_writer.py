@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 from cocomix.storage.files import atomic_write_json, fsync_dir
 from cocomix.storage.token_store import SPLITS
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 
 RULE = "stratified"
 

@@ -14,15 +14,22 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage import block_check
 from cocomix.storage.files import sha256_file
-from cocomix.storage.target_schema import (
-    FORMAT, MANIFEST, SCHEMA_KEY, TARGETS_SCHEMA_VERSION, arrow_schema, extra_column_views, safe_path,
-    shard_column_views,
-)
 from cocomix.storage.target_offsets import folder_offsets
-from cocomix.storage.target_writer import lock_path, stamp_vouches
+from cocomix.storage.target_schema import (
+    FORMAT,
+    MANIFEST,
+    SCHEMA_KEY,
+    TARGETS_SCHEMA_VERSION,
+    arrow_schema,
+    extra_column_views,
+    lock_path,
+    safe_path,
+    shard_column_views,
+    stamp_vouches,
+)
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,13 @@ state at the SAE's layer).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.core.errors import CocomixError, IntegrityError
 from cocomix.storage.target_offsets import shard_relpath
 
 TARGETS_SCHEMA_VERSION = 1
@@ -152,3 +153,28 @@ def extra_column_views(batch, extra: dict | None) -> dict[str, np.ndarray]:
     n = batch.num_rows
     return {name: batch.column(name).flatten().to_numpy(zero_copy_only=True).reshape(n, int(col["width"]))
             for name, col in (extra or {}).items()}
+
+LOCKS = ".locks"
+
+
+def sidecar_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def lock_path(out: Path, split: str, index: int, suffix: str, offset: int = 0) -> Path:
+    """``.locks/[offset-<r>-]<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
+    prefix = f"offset-{offset}-" if offset else ""
+    return Path(out) / LOCKS / f"{prefix}{split}-shard-{index:05d}{suffix}"
+
+
+def stamp_vouches(stamp: Path, shard: Path, sha256: str | None) -> bool:
+    """True when ``stamp`` records ``sha256`` for ``shard`` as the file is now (same size and mtime)."""
+    try:
+        return json.loads(stamp.read_text()) == {"sha256": sha256, **file_stat(shard)}
+    except (OSError, ValueError):
+        return False
+
+
+def file_stat(path: Path) -> dict:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}

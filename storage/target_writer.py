@@ -24,26 +24,31 @@ from typing import Any
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage import block_check
 from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
+from cocomix.storage.identity import folder_identity
 from cocomix.storage.target_schema import (
-    FORMAT, MANIFEST, PLAN, TARGETS_SCHEMA_VERSION, ShardSpec, arrow_schema, ignore_id,
+    FORMAT,
+    LOCKS,
+    MANIFEST,
+    PLAN,
+    TARGETS_SCHEMA_VERSION,
+    ShardSpec,
+    arrow_schema,
+    file_stat,
+    ignore_id,
+    lock_path,
+    sidecar_path,
+    stamp_vouches,
 )
-from cocomix.storage.token_store import content_identity, without_when_hashed
 
 log = logging.getLogger(__name__)
-
-LOCKS = ".locks"
 WRITERS = "writers.lock"  #: held shared by every writer; --overwrite needs it free
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def sidecar_path(shard: Path) -> Path:
-    return shard.with_suffix(".json")
 
 
 class TargetWriter:
@@ -205,7 +210,7 @@ class TargetWriter:
         stamp = self._lock_path(spec, ".stamp")
         try:
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(stamp, {"sha256": sha256, **_file_stat(shard)})
+            atomic_write_json(stamp, {"sha256": sha256, **file_stat(shard)})
         except OSError as err:
             log.debug("stamp %s not written: %s", stamp, err)
 
@@ -317,25 +322,6 @@ def join_writers(out: Path) -> tuple[int, bool]:
         time.sleep(0.05)  # another process holds it exclusively while it sets the folder up (a moment)
 
 
-def lock_path(out: Path, split: str, index: int, suffix: str, offset: int = 0) -> Path:
-    """``.locks/[offset-<r>-]<split>-shard-NNNNN<suffix>``: the shard's lock (``.lock``) or sha256 stamp (``.stamp``)."""
-    prefix = f"offset-{offset}-" if offset else ""
-    return Path(out) / LOCKS / f"{prefix}{split}-shard-{index:05d}{suffix}"
-
-
-def stamp_vouches(stamp: Path, shard: Path, sha256: str | None) -> bool:
-    """True when ``stamp`` records ``sha256`` for ``shard`` as the file is now (same size and mtime)."""
-    try:
-        return json.loads(stamp.read_text()) == {"sha256": sha256, **_file_stat(shard)}
-    except (OSError, ValueError):
-        return False
-
-
-def _file_stat(path: Path) -> dict:
-    st = path.stat()
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spec: ShardSpec) -> np.ndarray:
     """``arr`` as ``dtype``, refusing wrong shapes and values that do not fit."""
     if arr.shape != shape:
@@ -346,25 +332,6 @@ def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spe
         if lo < info.min or hi > info.max:
             raise CocomixError(f"{name} values [{lo}, {hi}] in {spec.relpath} do not fit {dtype.name}; use a wider dtype")
     return np.ascontiguousarray(arr, dtype=dtype)
-
-
-def folder_identity(record: dict) -> dict:
-    """What must match for a run to continue a target folder: ``record`` (plan.json or
-    manifest.json) without the paths that only say where an input was found.
-
-    A local teacher is its weights' sha256 (its ``id`` is the folder it was read from), an SAE
-    its file's sha256 (``source`` is the spec as typed), a token store its content provenance
-    (corpus fingerprint, tokenizer sha256, split, counts; ``path``, the corpus ``source`` and the
-    tokenizer ``name`` are spellings). A hub teacher has no sha256: its id and revision count.
-    The paths stay in the record for provenance.
-    """
-    record = {k: v for k, v in record.items() if k != "compute"}  # how, not what: adopted, never compared
-    meta = dict(record.get("meta") or {})
-    meta = without_when_hashed(meta, "teacher", "id", hashed_by="sha256")
-    meta = without_when_hashed(meta, "sae", "source", hashed_by="sha256")
-    if isinstance(meta.get("tokens"), dict):
-        meta["tokens"] = content_identity(meta["tokens"])
-    return {**record, "meta": meta}
 
 
 _ABSENT = "(absent)"

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.core.errors import CocomixError, IntegrityError
 from cocomix.storage.chunk_reader import chunk_reader, damaged_file, missing_file
 
 log = logging.getLogger(__name__)
@@ -57,24 +57,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     spec = json.loads(backend.to_str())
     keep = {key: spec.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def without_when_hashed(parent: dict, part: str, key: str, *, hashed_by: str) -> dict:
-    """``parent`` with ``parent[part]`` less ``key`` when that part carries a ``hashed_by`` content hash."""
-    value = parent.get(part)
-    if isinstance(value, dict) and value.get(hashed_by):
-        return {**parent, part: {k: v for k, v in value.items() if k != key}}
-    return parent
-
-
-def content_identity(provenance: dict | None) -> dict:
-    """A store's provenance (or ``tokenize``'s identity record) without what only locates or spells
-    its inputs: ``path``, the corpus ``source`` when a fingerprint identifies the corpus, the
-    tokenizer ``name`` when its sha256 does. Every resume check compares this, so a moved store
-    or ``corpus/`` vs ``/abs/corpus`` still matches."""
-    identity = {k: v for k, v in (provenance or {}).items() if k != "path"}
-    identity = without_when_hashed(identity, "corpus", "source", hashed_by="fingerprint")
-    return without_when_hashed(identity, "tokenizer", "name", hashed_by="sha256")
 
 
 class TokenSplit:

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, MismatchError
-from cocomix.pipeline.workspace import tokens_dir, workspace_root
+from cocomix.core.errors import CocomixError, MismatchError
+from cocomix.core.workspace import tokens_dir, workspace_root
 from cocomix.storage import bpe
 from cocomix.storage.config import TokenizeConfig
 from cocomix.storage.corpus import Corpus, resolve_corpus
 from cocomix.storage.encode import batched, encode_stream
+from cocomix.storage.identity import content_identity
 from cocomix.storage.progress_ui import TokenizeProgress, print_summary
 from cocomix.storage.store_writer import PROGRESS, StoreWriter, clear_folder
-from cocomix.storage.token_store import (FORMAT, SCHEMA_VERSION, TOKENIZER_DIR, content_identity, token_dtype,
-                                        tokenizer_fingerprint)
+from cocomix.storage.token_store import FORMAT, SCHEMA_VERSION, TOKENIZER_DIR, token_dtype, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

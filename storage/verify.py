@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
-from cocomix.pipeline.logs import console
+from cocomix.core.errors import CocomixError, IntegrityError
+from cocomix.core.logs import console
 from cocomix.storage.config import VerifyConfig
 from cocomix.storage.target_reader import TargetReader, check_ranges, load_manifest
 from cocomix.storage.target_schema import MANIFEST, PLAN, safe_path
@@ -80,7 +80,7 @@ def add_block_checksums(path: Path) -> int:
 
     from cocomix.storage import block_check
     from cocomix.storage.files import atomic_write_json
-    from cocomix.storage.target_writer import sidecar_path
+    from cocomix.storage.target_schema import sidecar_path
 
     manifest = load_manifest(path)
     added = 0
@@ -169,4 +169,3 @@ def _verify_block(store: TokenStore, split, offsets: np.ndarray, start: int, sto
     ends = ends[(ends >= start) & (ends < stop)]
     if (block[ends - start] != store.eos_id).any():
         raise IntegrityError(f"{where}: a document in [{start}, {stop}) does not end with EOS id {store.eos_id}")
-

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 from typer.testing import CliRunner
 
+from cocomix.core.configs import flag_name, resolve
 from cocomix.pipeline.cli import COMMANDS, app
-from cocomix.pipeline.configs import flag_name, resolve
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 from cocomix.pipeline.study import StudyConfig, config_argv, open_study, plan_lines, run_study
 from cocomix.pipeline.study_spec import builtin_names, load_spec, pretrain_config
 from cocomix.pipeline.study_stats import mean_curve, paired_interval, spread, t975, tokens_to_reach

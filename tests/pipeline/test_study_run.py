@@ -45,8 +45,8 @@ def random_sae(tmp_path, teacher_dir) -> Path:
     """A random cocomix-format TopK SAE for the 32-wide test teacher (64 latents >= tiny's k_concept of 8)."""
     import torch
 
-    from cocomix.stage1_extract.sae import TopKSAE
-    from cocomix.stage1_extract.sae_io import save_sae
+    from cocomix.stage1_extract.sae.io import save_sae
+    from cocomix.stage1_extract.sae.model import TopKSAE
 
     torch.manual_seed(0)
     sae = TopKSAE(32, 64, 8)

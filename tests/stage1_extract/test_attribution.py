@@ -15,19 +15,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cocomix.stage1_extract import attribution as attr
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
-from cocomix.stage1_extract.official import (
-    hf_grad,
-    official_attribution,
-    official_labels,
-    tl_grad,
-    tl_teacher_from_hf,
-)
-from cocomix.stage1_extract.official import (
-    openai_encode as official_encode,
-)
-from cocomix.stage1_extract.sae import TopKSAE
+from cocomix.stage1_extract.official import hf_grad, official_attribution, official_labels, tl_grad, tl_teacher_from_hf
+from cocomix.stage1_extract.official import openai_encode as official_encode
+from cocomix.stage1_extract.sae.model import TopKSAE
 from cocomix.stage1_extract.teacher import load_teacher
 
 IGNORE = 65535
@@ -81,8 +74,8 @@ def test_attribution_post_matches_official(teacher, sae, openai_sae_state, k_att
     latents, _ = official_encode(openai_sae_state, x)
     vals, idx = official_labels((g @ openai_sae_state["decoder.weight"]) * latents, k_attr)
     # our loss is the mean per window; the official mean over the batch scales every score by 1/B
-    assert_same_labels(got.ids_BTA, got.scores_BTA, vals, idx, score_scale=ids.shape[0])
-    assert (got.ids_BTA[:, -1] == IGNORE).all()  # the last position has g = 0: no label, not arbitrary ones
+    assert_same_labels(got.ids_BTK, got.scores_BTK, vals, idx, score_scale=ids.shape[0])
+    assert (got.ids_BTK[:, -1] == IGNORE).all()  # the last position has g = 0: no label, not arbitrary ones
     assert got.finite_B.all()
 
 
@@ -92,7 +85,7 @@ def test_single_window_scores_equal_official(teacher, sae, openai_sae_state):
     x, g = official_grad(teacher.model, ids, LAYER)
     latents, _ = official_encode(openai_sae_state, x)
     vals, idx = official_labels((g @ openai_sae_state["decoder.weight"]) * latents, 4)
-    assert_same_labels(got.ids_BTA, got.scores_BTA, vals, idx)
+    assert_same_labels(got.ids_BTK, got.scores_BTK, vals, idx)
 
 
 def test_attribution_pre_matches_paper_eq1(teacher, sae, openai_sae_state):
@@ -102,7 +95,7 @@ def test_attribution_pre_matches_paper_eq1(teacher, sae, openai_sae_state):
     x, g = official_grad(teacher.model, ids, LAYER)
     _, pre = official_encode(openai_sae_state, x)
     vals, idx = official_labels((g @ openai_sae_state["decoder.weight"]) * pre, 4)
-    assert_same_labels(got.ids_BTA, got.scores_BTA, vals, idx, score_scale=ids.shape[0])
+    assert_same_labels(got.ids_BTK, got.scores_BTK, vals, idx, score_scale=ids.shape[0])
 
 
 def test_activation_selection_matches_plain_topk(teacher, sae, openai_sae_state):
@@ -112,8 +105,8 @@ def test_activation_selection_matches_plain_topk(teacher, sae, openai_sae_state)
     latents, _ = official_encode(openai_sae_state, x)
     vals, idx = torch.topk(latents, 4, dim=-1)
     valid = vals > 0
-    assert torch.equal(got.ids_BTA[valid], idx[valid]) and (got.ids_BTA[~valid] == IGNORE).all()
-    torch.testing.assert_close(got.scores_BTA[valid], vals[valid])
+    assert torch.equal(got.ids_BTK[valid], idx[valid]) and (got.ids_BTK[~valid] == IGNORE).all()
+    torch.testing.assert_close(got.scores_BTK[valid], vals[valid])
 
 
 def test_labels_do_not_depend_on_batch_composition(teacher, sae):
@@ -122,8 +115,8 @@ def test_labels_do_not_depend_on_batch_composition(teacher, sae):
     spec = AttributionSpec(layer=LAYER, k_attr=4, ignore_id=IGNORE)
     batched = label_batch(teacher, sae, ids, spec)
     alone = label_batch(teacher, sae, ids[1:2], spec)
-    assert torch.equal(batched.ids_BTA[1], alone.ids_BTA[0])
-    torch.testing.assert_close(batched.scores_BTA[1], alone.scores_BTA[0])
+    assert torch.equal(batched.ids_BTK[1], alone.ids_BTK[0])
+    torch.testing.assert_close(batched.scores_BTK[1], alone.scores_BTK[0])
 
 
 def test_chunked_head_equals_unchunked(teacher, sae, monkeypatch):
@@ -136,8 +129,8 @@ def test_chunked_head_equals_unchunked(teacher, sae, monkeypatch):
     monkeypatch.setattr(attr, "ENCODE_CHUNK_TOKENS", 23)
     chunked = label_batch(teacher, sae, ids, spec)
     torch.testing.assert_close(chunked.loss_B, whole.loss_B)
-    assert torch.equal(chunked.ids_BTA, whole.ids_BTA)
-    torch.testing.assert_close(chunked.scores_BTA, whole.scores_BTA)
+    assert torch.equal(chunked.ids_BTK, whole.ids_BTK)
+    torch.testing.assert_close(chunked.scores_BTK, whole.scores_BTK)
 
 
 def test_loss_is_mean_ce_per_window(teacher, sae):
@@ -150,7 +143,7 @@ def test_loss_is_mean_ce_per_window(teacher, sae):
 
 def test_one_token_window_has_no_labels(teacher, sae):
     got = label_batch(teacher, sae, windows(1, 1), AttributionSpec(layer=LAYER, ignore_id=IGNORE))
-    assert (got.ids_BTA == IGNORE).all() and got.finite_B.all()
+    assert (got.ids_BTK == IGNORE).all() and got.finite_B.all()
 
 
 def test_non_finite_window_is_flagged(teacher, sae):
@@ -181,10 +174,10 @@ def test_bf16_autocast_path_runs_and_agrees(teacher, sae):
     ids = windows(3, 48, seed=9)
     fp32 = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, ignore_id=IGNORE))
     bf16 = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, ignore_id=IGNORE, autocast_dtype=torch.bfloat16))
-    assert bf16.scores_BTA.dtype == torch.float32 and bf16.loss_B.dtype == torch.float32
+    assert bf16.scores_BTK.dtype == torch.float32 and bf16.loss_B.dtype == torch.float32
     torch.testing.assert_close(bf16.loss_B, fp32.loss_B, rtol=2e-2, atol=1e-3)
-    valid = fp32.ids_BTA != IGNORE
-    assert (bf16.ids_BTA[valid] == fp32.ids_BTA[valid]).float().mean() > 0.9
+    valid = fp32.ids_BTK != IGNORE
+    assert (bf16.ids_BTK[valid] == fp32.ids_BTK[valid]).float().mean() > 0.9
 
 
 def test_labels_equal_the_official_extractor_on_its_transformerlens_teacher(teacher, sae, openai_sae_state):
@@ -197,6 +190,6 @@ def test_labels_equal_the_official_extractor_on_its_transformerlens_teacher(teac
     assert next(iter(p.grad for p in tl_model.parameters() if p.grad is not None)) is not None  # parameter grads, as official
     vals, idx = official_attribution(openai_sae_state, x, g, 4)
     got = label_batch(teacher, sae, ids, AttributionSpec(layer=LAYER, k_attr=4, ignore_id=IGNORE))
-    assert_same_labels(got.ids_BTA, got.scores_BTA, vals, idx, score_scale=ids.shape[0])
+    assert_same_labels(got.ids_BTK, got.scores_BTK, vals, idx, score_scale=ids.shape[0])
     hf_x, _ = hf_grad(teacher.model, ids, LAYER)
     assert not torch.allclose(x, hf_x)  # TransformerLens centred the residual stream: really another teacher path

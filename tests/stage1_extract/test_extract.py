@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
 from cocomix.stage1_extract.teacher import load_teacher
@@ -104,7 +104,7 @@ def test_tampered_shard_is_recomputed_identically(tmp_path, val_targets, token_s
 def test_ablation_modes_match_attribution_module(tmp_path, token_store, teacher_dir, openai_sae_file, flags):
     """The flags reach the labeller: shards equal ``label_batch`` with the same spec on each window."""
     from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
-    from cocomix.stage1_extract.sae_io import load_sae
+    from cocomix.stage1_extract.sae.io import load_sae
 
     out = tmp_path / "t"
     run_extract(config(token_store, teacher_dir, openai_sae_file, out, splits="val", **flags))
@@ -113,7 +113,7 @@ def test_ablation_modes_match_attribution_module(tmp_path, token_store, teacher_
     spec = AttributionSpec(layer=LAYER, ignore_id=reader.ignore_id, **flags)
     got = reader.window("val", WINDOW, 2 * WINDOW)
     ref = label_batch(teacher, sae, torch.from_numpy(got.tokens.astype(np.int64))[None], spec)
-    assert np.array_equal(got.concept_ids, ref.ids_BTA[0].numpy())
+    assert np.array_equal(got.concept_ids, ref.ids_BTK[0].numpy())
 
 
 def test_other_layer_refused_unless_overwrite(tmp_path, token_store, teacher_dir, openai_sae_file):

@@ -116,8 +116,8 @@ def test_token_store_missing_an_array_zarr_json(tmp_path, token_store, teacher_d
 
 def test_planted_pickle_in_a_sae_train_resume_state_never_runs(tmp_path, token_store, teacher_dir):
     from cocomix.stage1_extract.config import SaeTrainConfig
-    from cocomix.stage1_extract.sae_setup import open_inputs
-    from cocomix.stage1_extract.sae_train import RESUME_DIR, RUN_FILE, STATE_FILE, run_identity
+    from cocomix.stage1_extract.sae.setup import open_inputs
+    from cocomix.stage1_extract.sae.state import RESUME_DIR, RUN_FILE, STATE_FILE, run_identity
 
     out, marker = tmp_path / "sae", tmp_path / "ran"
     flags = dict(teacher=str(teacher_dir), tokens=str(token_store), layer=1, out=str(out), latents=64, k=4,

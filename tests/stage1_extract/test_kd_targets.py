@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
@@ -150,7 +150,7 @@ def test_inspect_and_verify_know_the_columns(with_kd, plain):
 def test_kd_ids_outside_the_vocabulary_fail_verify(tmp_path, with_kd):
     import pyarrow as pa
 
-    from cocomix.pipeline.errors import IntegrityError
+    from cocomix.core.errors import IntegrityError
     from cocomix.storage.files import sha256_file
 
     out = tmp_path / "bad"

@@ -14,7 +14,7 @@ import pytest
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
-from cocomix.stage1_extract.sae_io import load_sae
+from cocomix.stage1_extract.sae.io import load_sae
 from cocomix.stage1_extract.shard_labels import label_shard
 from cocomix.stage1_extract.teacher import load_teacher
 from cocomix.stage2_pretrain.data import DataState, TargetSource, TrainStream
@@ -42,7 +42,7 @@ def fresh(teacher_dir, openai_sae_file):
 
     def labels(tokens: np.ndarray) -> np.ndarray:
         return label_shard(teacher, sae.eval().requires_grad_(False), tokens, split=SPLIT, start=0, window=len(tokens),
-                           batch_size=1, spec=spec, id_dtype=np.uint16, score_dtype=np.float32).ids_NA
+                           batch_size=1, spec=spec, id_dtype=np.uint16, score_dtype=np.float32).ids_NK
     return labels
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cocomix.stage1_extract.sae import TopKSAE, layernorm_unbiased, scatter_latents
+from cocomix.core.layernorm import layernorm_unbiased
+from cocomix.stage1_extract.sae.model import TopKSAE, scatter_latents
 
 
 def random_sae(d_in=32, n_latents=256, k=8, normalize=True, seed=0) -> TopKSAE:
@@ -79,7 +80,7 @@ def test_sparse_decode_gradients_match_dense():
 
 def test_decoder_is_stored_column_major_through_load_and_moves(openai_sae_file, tmp_path):
     """``W_dec.t()`` must stay contiguous (a row-major W_dec makes every sparse decode copy the matrix)."""
-    from cocomix.stage1_extract.sae_io import load_sae, save_sae
+    from cocomix.stage1_extract.sae.io import load_sae, save_sae
 
     sae, _ = load_sae(str(openai_sae_file))
     assert sae.W_dec.t().is_contiguous()

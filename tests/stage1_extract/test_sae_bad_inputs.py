@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
-from cocomix.stage1_extract.sae_io import check_sae_matches_teacher, load_sae, save_sae
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.stage1_extract.sae.io import check_sae_matches_teacher, load_sae, save_sae
 
 
 def one_line(err) -> str:

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
-from cocomix.stage1_extract import sae_download
-from cocomix.stage1_extract.sae_io import detect_format, load_sae, save_sae
+from cocomix.core.errors import CocomixError, IntegrityError
+from cocomix.stage1_extract.sae import download as sae_download
+from cocomix.stage1_extract.sae.io import detect_format, load_sae, save_sae
 from cocomix.storage.files import sha256_file
 
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cocomix.pipeline.errors import CocomixError
-from cocomix.stage1_extract import sae_train as st
+from cocomix.core.errors import CocomixError
 from cocomix.stage1_extract.config import SaeTrainConfig
+from cocomix.stage1_extract.sae import recipe as sae_recipe
+from cocomix.stage1_extract.sae import state as sae_state
+from cocomix.stage1_extract.sae import train as st
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # 32 steps of 256 activations; AuxK active (dead after 512 tokens); a small buffer so its rows are saved mid-fill
@@ -44,15 +46,15 @@ def threads(n: int):
         torch.set_num_threads(before)
 
 
-DEFAULT_INIT_SAMPLE = st.INIT_SAMPLE
+DEFAULT_INIT_SAMPLE = sae_state.INIT_SAMPLE
 
 
 @pytest.fixture(scope="module", autouse=True)
 def small_sample():
     """A short init sample (the default 32k would be the whole run): most steps then come from the buffer."""
-    st.INIT_SAMPLE = 1024
+    sae_state.INIT_SAMPLE = 1024
     yield
-    st.INIT_SAMPLE = DEFAULT_INIT_SAMPLE
+    sae_state.INIT_SAMPLE = DEFAULT_INIT_SAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ class Killed(BaseException):
 
 def run_until(cfg: SaeTrainConfig, stop_at: int, monkeypatch) -> None:
     """Run in-process and die (no cleanup) just before step ``stop_at`` would be taken."""
-    real = st.train_step
+    real = sae_recipe.train_step
     taken = {"n": first_step(cfg)}
 
     def step(*args, **kw):
@@ -82,7 +84,7 @@ def run_until(cfg: SaeTrainConfig, stop_at: int, monkeypatch) -> None:
 
 
 def first_step(cfg: SaeTrainConfig) -> int:
-    states = st.saved_states(Path(cfg.out))
+    states = sae_state.saved_states(Path(cfg.out))
     return int(states[-1].name.split("-")[1]) if states else 0
 
 
@@ -90,7 +92,7 @@ def first_step(cfg: SaeTrainConfig) -> int:
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, token_store, teacher_dir, reference, monkeypatch, stop_at):
     cfg = small_config(token_store, teacher_dir, tmp_path / "sae")
     run_until(cfg, stop_at, monkeypatch)
-    saved = st.saved_states(tmp_path / "sae")
+    saved = sae_state.saved_states(tmp_path / "sae")
     assert [p.name for p in saved] == ([f"step-{stop_at // 3 * 3:07d}"] if stop_at >= 3 else [])
     done = st.run_sae_train(cfg)
     assert done.sha256 == reference.sha256 and done.steps == reference.steps and done.tokens == reference.tokens
@@ -103,20 +105,20 @@ def test_twice_interrupted_run_resumes_to_the_same_bytes(tmp_path, token_store, 
     cfg = small_config(token_store, teacher_dir, tmp_path / "sae")
     run_until(cfg, 8, monkeypatch)
     run_until(cfg, 20, monkeypatch)  # continues from step 6, killed after saving 18
-    assert [p.name for p in st.saved_states(tmp_path / "sae")] == ["step-0000018"]
+    assert [p.name for p in sae_state.saved_states(tmp_path / "sae")] == ["step-0000018"]
     assert st.run_sae_train(cfg).sha256 == reference.sha256
 
 
 def test_sigkill_then_rerun_gives_the_same_sae_bytes(tmp_path, token_store, teacher_dir, monkeypatch):
     """Real process, real SIGKILL, plain CLI (default init sample: the kill lands inside it or just after)."""
-    monkeypatch.setattr(st, "INIT_SAMPLE", DEFAULT_INIT_SAMPLE)  # as the CLI process has it
+    monkeypatch.setattr(sae_state, "INIT_SAMPLE", DEFAULT_INIT_SAMPLE)  # as the CLI process has it
     cfg = small_config(token_store, teacher_dir, tmp_path / "run", train_tokens=16384, save_every=2)
     with threads(1):
         reference = st.run_sae_train(small_config(token_store, teacher_dir, tmp_path / "ref", train_tokens=16384, save_every=0))
     cmd = [sys.executable, "-m", "cocomix.pipeline.cli", "sae", "train", *argv(cfg)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not st.saved_states(tmp_path / "run"):
+    while not sae_state.saved_states(tmp_path / "run"):
         assert proc.poll() is None, f"run ended (rc {proc.returncode}) before a state was saved: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "no state was saved"
         time.sleep(0.01)
@@ -132,7 +134,7 @@ def test_sigkill_then_rerun_gives_the_same_sae_bytes(tmp_path, token_store, teac
 def interrupted(tmp_path, token_store, teacher_dir, monkeypatch, **kw) -> SaeTrainConfig:
     cfg = small_config(token_store, teacher_dir, tmp_path / "sae", train_tokens=2048, **kw)
     run_until(cfg, 4, monkeypatch)
-    assert st.saved_states(tmp_path / "sae")
+    assert sae_state.saved_states(tmp_path / "sae")
     return cfg
 
 
@@ -147,7 +149,7 @@ def test_rerun_with_other_flags_is_refused_in_one_line(tmp_path, token_store, te
     assert result.exit_code == 2 and "Traceback" not in result.output
     message = " ".join(result.output.split())
     assert "--lr 0.003 (now 0.001)" in message and "--overwrite" in message and "save-every" not in message
-    assert st.saved_states(tmp_path / "sae")  # the unfinished run is kept
+    assert sae_state.saved_states(tmp_path / "sae")  # the unfinished run is kept
 
 
 def test_overwrite_discards_a_state_with_other_flags(tmp_path, token_store, teacher_dir, monkeypatch):
@@ -179,7 +181,7 @@ def test_unfinished_first_save_starts_over(tmp_path, token_store, teacher_dir, r
 
 
 def test_save_every_validation(tmp_path):
-    from cocomix.pipeline.errors import ConfigError
+    from cocomix.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--save-every"):
         SaeTrainConfig(**{**SMALL, "teacher": "t", "tokens": "s", "out": str(tmp_path), "save_every": -1})

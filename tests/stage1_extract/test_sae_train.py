@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
-from cocomix.stage1_extract import sae_train as st
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.layernorm import layernorm_unbiased
 from cocomix.stage1_extract.config import SaeTrainConfig
-from cocomix.stage1_extract.sae import layernorm_unbiased
-from cocomix.stage1_extract.sae_io import load_sae
-from cocomix.stage1_extract.sae_stream import shuffled_batches, window_batches
+from cocomix.stage1_extract.sae import recipe as sae_recipe
+from cocomix.stage1_extract.sae import train as st
+from cocomix.stage1_extract.sae.io import load_sae
+from cocomix.stage1_extract.sae.stream import shuffled_batches, window_batches
 
 LAYER = 1
 WINDOW = 64
@@ -140,30 +141,30 @@ def test_config_validation_names_the_flag(field, value, tmp_path):
 
 def small_sae(seed=0, n_latents=64, d_in=16, k=4):
     gen = torch.Generator().manual_seed(seed)
-    return st.init_sae(torch.randn(512, d_in, generator=gen), n_latents, k, gen)
+    return sae_recipe.init_sae(torch.randn(512, d_in, generator=gen), n_latents, k, gen)
 
 
 def test_init_is_tied_unit_norm_with_median_bias():
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(512, 16, generator=gen) + 3.0
-    sae = st.init_sae(sample, 64, 4, gen)
+    sae = sae_recipe.init_sae(sample, 64, 4, gen)
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(64))
     directions = sae.W_enc.T / sae.W_enc.T.norm(dim=0, keepdim=True)
     torch.testing.assert_close(directions, sae.W_dec)  # decoder = encoderᵀ up to the encoder's global rescale
-    torch.testing.assert_close(sae.b_pre, st.geometric_median(sample))
+    torch.testing.assert_close(sae.b_pre, sae_recipe.geometric_median(sample))
 
 
 def test_geometric_median_resists_outliers():
     points = torch.cat([torch.randn(99, 4, generator=torch.Generator().manual_seed(1)) * 0.01, torch.full((1, 4), 1000.0)])
-    assert st.geometric_median(points).abs().max() < 0.1 < points.mean(0).abs().max()
+    assert sae_recipe.geometric_median(points).abs().max() < 0.1 < points.mean(0).abs().max()
     square = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) + 5
-    torch.testing.assert_close(st.geometric_median(square), torch.tensor([5.0, 5.0]))
+    torch.testing.assert_close(sae_recipe.geometric_median(square), torch.tensor([5.0, 5.0]))
 
 
 def test_projected_gradient_is_orthogonal_to_columns():
     sae = small_sae()
     sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    st.project_decoder_grad_(sae)
+    sae_recipe.project_decoder_grad_(sae)
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(0), torch.zeros(64), atol=1e-6, rtol=0)
 
 
@@ -171,17 +172,17 @@ def test_train_step_keeps_decoder_unit_norm_and_lowers_loss():
     sae = small_sae()
     x = layernorm_unbiased(torch.randn(256, 16, generator=torch.Generator().manual_seed(3))).x
     cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4, "lr": 1e-2})
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=st.ADAM_EPS)
-    tracker = st.DeadTracker(64, torch.device("cpu"))
-    first = st.train_step(sae, opt, x, tracker, cfg, 1.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=sae_recipe.ADAM_EPS)
+    tracker = sae_recipe.DeadTracker(64, torch.device("cpu"))
+    first = sae_recipe.train_step(sae, opt, x, tracker, cfg, 1.0)
     for _ in range(30):
-        last = st.train_step(sae, opt, x, tracker, cfg, 1.0)
+        last = sae_recipe.train_step(sae, opt, x, tracker, cfg, 1.0)
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(64))
     assert last.fvu < first.fvu * 0.8 and tracker.seen == 31 * 256
 
 
 def test_dead_tracker_counts_tokens_since_fired():
-    tracker = st.DeadTracker(5, torch.device("cpu"))
+    tracker = sae_recipe.DeadTracker(5, torch.device("cpu"))
     tracker.update(torch.tensor([[0, 1], [0, 2]]), torch.tensor([[1.0, 0.0], [0.5, 2e-3]]))  # 1 is below 1e-3
     assert tracker.since_L.tolist() == [0, 2, 0, 2, 2]
     tracker.update(torch.tensor([[2, 3]]), torch.tensor([[1.0, 1.0]]))
@@ -210,9 +211,9 @@ def test_sparse_step_matches_dense_autograd():
     sae, ref = small_sae(seed=2).double(), small_sae(seed=2).double()
     x = layernorm_unbiased(torch.randn(48, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).x
     cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4, "auxk": 5, "dead_tokens": 40})
-    tracker = st.DeadTracker(64, torch.device("cpu"))
+    tracker = sae_recipe.DeadTracker(64, torch.device("cpu"))
     tracker.since_L[::3] = 100  # 22 latents silent for long: dead unless they fire in this batch
-    losses = st.sae_losses(sae, x, tracker, cfg, 0.7)
+    losses = sae_recipe.sae_losses(sae, x, tracker, cfg, 0.7)
     dead = tracker.dead(cfg.dead_tokens)
     assert cfg.auxk < int(dead.sum()) < 64  # AuxK picks among the dead, not all of them
     ref_loss, ref_aux = dense_reference_losses(ref, x, dead, cfg.auxk, cfg.auxk_coef, 0.7)
@@ -228,7 +229,7 @@ def test_no_dead_latents_no_auxk():
     sae = small_sae(seed=3)
     x = layernorm_unbiased(torch.randn(32, 16)).x
     cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4})
-    losses = st.sae_losses(sae, x, st.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
+    losses = sae_recipe.sae_losses(sae, x, sae_recipe.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
     assert losses.auxk.item() == 0.0
     torch.testing.assert_close(losses.loss, losses.main)
 
@@ -238,11 +239,11 @@ def test_auxk_gradient_reaches_dead_latents():
     sae = small_sae(seed=5)
     x = layernorm_unbiased(torch.randn(64, 16, generator=torch.Generator().manual_seed(6))).x
     cfg = SaeTrainConfig(**{**TRAIN, "teacher": "t", "tokens": "s", "out": "o", "latents": 64, "k": 4, "auxk": 16, "dead_tokens": 1})
-    tracker = st.DeadTracker(64, torch.device("cpu"))
+    tracker = sae_recipe.DeadTracker(64, torch.device("cpu"))
     tracker.since_L += 10
     active = sae.encode_normalized(x).top_idx.unique()
     opt = torch.optim.SGD(sae.parameters(), lr=0.0)
-    stats = st.train_step(sae, opt, x, tracker, cfg, 1.0)
+    stats = sae_recipe.train_step(sae, opt, x, tracker, cfg, 1.0)
     unused = torch.ones(64, dtype=torch.bool)
     unused[active] = False
     assert stats.auxk_loss > 0 and unused.any()
@@ -289,7 +290,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     opt = torch.optim.Adam(sae.parameters())
     before = sae.W_enc.detach().clone()
     with pytest.raises(CocomixError, match="non-finite SAE loss"):
-        st.train_step(sae, opt, x, st.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
+        sae_recipe.train_step(sae, opt, x, sae_recipe.DeadTracker(64, torch.device("cpu")), cfg, 1.0)
     assert torch.equal(sae.W_enc, before)  # no step was taken on the bad batch
 
 

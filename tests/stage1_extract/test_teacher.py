@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage1_extract.teacher import check_layer, check_tokenizer, hidden_states_at, load_teacher
 
 
@@ -79,7 +79,7 @@ def test_half_precision_checkpoint_loads_as_fp32(teacher_dir, tmp_path, saved):
     from transformers import GPT2LMHeadModel
 
     from cocomix.stage1_extract.attribution import AttributionSpec, label_batch
-    from cocomix.stage1_extract.sae import TopKSAE
+    from cocomix.stage1_extract.sae.model import TopKSAE
 
     folder = tmp_path / "half"
     GPT2LMHeadModel.from_pretrained(teacher_dir).to(saved).save_pretrained(folder)
@@ -91,7 +91,7 @@ def test_half_precision_checkpoint_loads_as_fp32(teacher_dir, tmp_path, saved):
     sae = TopKSAE(d_in=32, n_latents=64, k=4).eval().requires_grad_(False)
     ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(0))
     got = label_batch(half, sae, ids, AttributionSpec(layer=1, k_attr=2, ignore_id=65535))
-    assert got.ids_BTA.shape == (1, 16, 2) and bool(got.finite_B.all())
+    assert got.ids_BTK.shape == (1, 16, 2) and bool(got.finite_B.all())
 
 
 def test_auto_dtype_is_the_official_fp32_on_every_device():
@@ -105,7 +105,7 @@ def test_auto_dtype_is_the_official_fp32_on_every_device():
 @pytest.mark.parametrize("spec, match", [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available"),
                                           ("gpu0", "not a device")])
 def test_unusable_device_is_one_clear_line(spec, match, monkeypatch):
-    from cocomix.stage1_extract.teacher import resolve_device
+    from cocomix.core.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=match):

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_processes import ENV, argv, flags, free_port, train_records
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.train import run_pretrain
-
-from test_train_processes import ENV, argv, flags, free_port, train_records
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).with_name("fsdp_on_cpu.py")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 from cocomix.stage2_pretrain import checkpoint as ck
 from cocomix.stage2_pretrain.data import DataState
 from cocomix.stage2_pretrain.optim import Schedule, make_optimizer, make_scheduler

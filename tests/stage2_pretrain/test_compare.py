@@ -52,7 +52,7 @@ def write_run(root, name, ev):
 
 
 def test_cli_prints_one_table_json_and_a_plot(tmp_path, monkeypatch):
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     monkeypatch.setattr(console, "width", 300)  # all 13 columns on one line
     ntp, coco = write_run(tmp_path, "ntp-69m", eval_dict()), write_run(tmp_path, "cocomix-69m", eval_dict(0.1))

@@ -6,10 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from cocomix.pipeline.errors import CocomixError, MismatchError
+from cocomix.core.errors import CocomixError, MismatchError
 from cocomix.stage2_pretrain.concepts_config import DescribeConfig
 from cocomix.stage2_pretrain.concepts_describe import (
-    SPLIT_SHIFT, TopContexts, load_describe, run_describe, scan_targets,
+    SPLIT_SHIFT,
+    TopContexts,
+    load_describe,
+    run_describe,
+    scan_targets,
 )
 from cocomix.storage.target_reader import TargetReader
 

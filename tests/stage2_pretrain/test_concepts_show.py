@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 from cocomix.pipeline.cli import app
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage2_pretrain.concepts_config import DescribeConfig, ShowConfig, WeightsConfig
 from cocomix.stage2_pretrain.concepts_describe import run_describe
 from cocomix.stage2_pretrain.concepts_show import load_concept_model, run_show

@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, MismatchError
+from cocomix.core.errors import CocomixError, MismatchError
 from cocomix.stage2_pretrain.data import (
-    DataState, TargetSource, TokenSource, TrainStream, WindowOrder, rank_slices, val_starts,
+    DataState,
+    TargetSource,
+    TokenSource,
+    TrainStream,
+    WindowOrder,
+    rank_slices,
+    val_starts,
 )
 
 N_LATENTS, K_ATTR = 96, 4  # as in conftest.py

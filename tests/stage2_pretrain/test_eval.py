@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cocomix.pipeline.errors import ConfigError, MismatchError
+from cocomix.core.errors import ConfigError, MismatchError
 from cocomix.stage2_pretrain.config import EvalConfig
 from cocomix.stage2_pretrain.evaluate import run_eval
 

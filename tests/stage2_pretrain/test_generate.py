@@ -10,10 +10,18 @@ from torch.testing import assert_close
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.pipeline.cli import app
-from cocomix.pipeline.errors import CocomixError, ConfigError
-from cocomix.stage2_pretrain.generate import (FullDecoder, HFDecoder, Sampling, encode_prompt, generate, make_decoder,
-                                              run_generate, sample_next)
+from cocomix.stage2_pretrain.generate import (
+    FullDecoder,
+    HFDecoder,
+    Sampling,
+    encode_prompt,
+    generate,
+    make_decoder,
+    run_generate,
+    sample_next,
+)
 from cocomix.stage2_pretrain.generate_config import GenerateConfig
 from cocomix.stage2_pretrain.kv_cache import InterleavedDecoder
 from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.config import EvalConfig
 from cocomix.stage2_pretrain.evaluate import load_checkpoint_model, run_eval
 

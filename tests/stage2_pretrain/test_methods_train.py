@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
 from cocomix.stage2_pretrain import train as train_mod
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.train import run_pretrain
@@ -134,4 +134,3 @@ def test_kd_alpha_zero_is_plain_ntp(tmp_path, token_store, full_targets_dir):
                                               save_every=0)))
     a, b = records(kd.out), records(ntp.out)
     torch.testing.assert_close(torch.tensor([r["ntp_loss"] for r in a]), torch.tensor([r["ntp_loss"] for r in b]))
-

@@ -7,9 +7,14 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.core.layernorm import layernorm_unbiased
 from cocomix.stage2_pretrain.model import (
-    CoCoMixConfig, CoCoMixForCausalLM, SelectAndScore, concept_ce, interleave, next_token_loss,
+    CoCoMixConfig,
+    CoCoMixForCausalLM,
+    SelectAndScore,
+    concept_ce,
+    interleave,
+    next_token_loss,
 )
 
 V, L, C, K, IGNORE = 97, 48, 6, 4, 65535

@@ -7,10 +7,17 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from cocomix.pipeline.errors import ConfigError
+from cocomix.core.errors import ConfigError
 from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
 from cocomix.stage2_pretrain.presets import (
-    PAPER_LATENTS, PAPER_VOCAB, PRESETS, build_model, count_on_meta, count_params, get_preset, match_ntp_width,
+    PAPER_LATENTS,
+    PAPER_VOCAB,
+    PRESETS,
+    build_model,
+    count_on_meta,
+    count_params,
+    get_preset,
+    match_ntp_width,
 )
 
 # the paper's table: size -> (cocomix d, ntp d, layers, heads, insert layer, lr, min lr, batch tokens, steps)

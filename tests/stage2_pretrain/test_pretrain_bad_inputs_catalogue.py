@@ -181,7 +181,7 @@ def tamper_ids(targets: Path, relpath: str, value: int) -> None:
     with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(new)
     from cocomix.storage import block_check
-    from cocomix.storage.target_writer import sidecar_path
+    from cocomix.storage.target_schema import sidecar_path
 
     sha = sha256_file(file)
     manifest = json.loads((targets / "manifest.json").read_text())

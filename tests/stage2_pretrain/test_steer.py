@@ -10,11 +10,10 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from cocomix.pipeline.cli import app
-from cocomix.stage1_extract.sae import TopKSAE, scatter_latents
+from cocomix.pipeline.steer import SteeredBottleneck, run_steer, steer_residual, steer_topk, steered
+from cocomix.stage1_extract.sae.model import TopKSAE, scatter_latents
 from cocomix.stage2_pretrain.generate import Sampling, generate, make_decoder
 from cocomix.stage2_pretrain.generate_config import SteerConfig
-from cocomix.stage2_pretrain.steer import SteeredBottleneck, run_steer, steer_residual, steer_topk, steered
-
 
 runner = CliRunner()
 
@@ -95,7 +94,7 @@ def test_teacher_steering_sets_the_latents_code_value_to_scale_times_its_pre_act
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_dir, teacher_dir):
     """A CoCoMix checkpoint over the shared tokenizer, an NTP one, and SAEs for the shared teacher (width 32)."""
-    from cocomix.stage1_extract.sae_io import save_sae
+    from cocomix.stage1_extract.sae.io import save_sae
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     root = tmp_path_factory.mktemp("steer")

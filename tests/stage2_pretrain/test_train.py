@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain import train as train_mod
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.optim import lr_ratio
@@ -279,7 +279,7 @@ def test_bad_numbers_name_the_flag(kw, flag):
 
 
 def test_targets_of_another_window_length_are_refused_naming_the_extract_fix(tmp_path, token_store, make_targets):
-    from cocomix.pipeline.errors import MismatchError
+    from cocomix.core.errors import MismatchError
 
     short = make_targets(token_store, tmp_path / "w64", window=64, windows_per_shard=4)
     with pytest.raises(MismatchError, match=r"64-token windows, but --size tiny trains on 128.*cocomix extract --window 128 --offsets N"):

@@ -10,7 +10,7 @@ import pytest
 from catalogue import assert_one_line_error, corrupt, run_cli
 from test_verify_inspect import targets  # noqa: F401 - the finished target folder fixture
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 from cocomix.storage import block_check
 from cocomix.storage.targets import TargetReader
 

@@ -9,7 +9,7 @@ import pytest
 from storage_utils import tokenize
 from test_verify_inspect import targets  # noqa: F401 - the finished target folder fixture
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 from cocomix.storage.config import VerifyConfig
 from cocomix.storage.targets import TargetReader
 from cocomix.storage.token_store import TokenStore

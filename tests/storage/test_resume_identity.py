@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from storage_utils import read_store, tokenize
 
-from cocomix.pipeline.errors import MismatchError
+from cocomix.core.errors import MismatchError
 from cocomix.storage.store_writer import StoreWriter
 from cocomix.storage.targets import TargetWriter, id_dtype, plan_shards
 from cocomix.storage.token_store import TokenStore

@@ -9,11 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage.files import sha256_file
-from cocomix.storage.targets import (
-    TargetReader, TargetWriter, id_dtype, ignore_id, plan_shards,
-)
+from cocomix.storage.targets import TargetReader, TargetWriter, id_dtype, ignore_id, plan_shards
 from cocomix.storage.token_store import TokenStore
 
 K = 4

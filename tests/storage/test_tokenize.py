@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from storage_utils import read_store, reference_store, tokenize
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 from cocomix.storage.token_store import SCHEMA_VERSION, TokenStore, token_dtype, tokenizer_fingerprint
 from cocomix.storage.tokenize import val_mask
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from storage_utils import read_store, tokenize
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage.token_store import TokenStore, token_dtype
 
 
@@ -155,7 +155,7 @@ def test_missing_field_fails_before_creating_the_store(tmp_path, tokenizer_dir):
     ({"max_docs": 0}, "--max-docs"), ({"max_docs": -5}, "--max-docs"),
 ])
 def test_config_errors_name_the_flag(kw, flag):
-    from cocomix.pipeline.errors import ConfigError
+    from cocomix.core.errors import ConfigError
     from cocomix.storage.config import TokenizeConfig
 
     with pytest.raises(ConfigError, match=flag):
@@ -174,7 +174,7 @@ def test_a_name_that_is_no_local_path_says_it_goes_to_the_hub(monkeypatch, caplo
 
 
 def test_a_tokenizer_that_is_no_local_path_says_it_goes_to_the_hub(monkeypatch, caplog):
-    from cocomix.pipeline.errors import CocomixError
+    from cocomix.core.errors import CocomixError
     from cocomix.storage.bpe import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

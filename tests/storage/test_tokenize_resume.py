@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from storage_utils import read_store, tokenize
 
-from cocomix.pipeline.errors import IntegrityError
+from cocomix.core.errors import IntegrityError
 from cocomix.storage.token_store import TokenStore
 from cocomix.storage.verify import verify_token_store
 

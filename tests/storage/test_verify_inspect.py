@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from test_targets import K, N_LATENTS, make_meta, open_writer, synthetic_labels, write_all
+from test_targets import N_LATENTS, K, make_meta, open_writer, synthetic_labels, write_all
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
+from cocomix.core.errors import CocomixError, IntegrityError
 from cocomix.storage.config import InspectConfig, VerifyConfig
 from cocomix.storage.inspect import run_inspect
 from cocomix.storage.targets import TargetReader, TargetWriter, id_dtype, plan_shards

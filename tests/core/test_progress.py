@@ -2,7 +2,7 @@
 
 A rich live bar on a non-terminal console prints nothing until it stops; every long command
 (tokenize, extract, sae train, the SAE download) instead logs one plain line per
-``COCOMIX_PROGRESS_EVERY`` seconds and one at the end (cocomix.pipeline.progress).
+``COCOMIX_PROGRESS_EVERY`` seconds and one at the end (cocomix.core.progress).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from cocomix.pipeline.errors import ConfigError
-from cocomix.pipeline.progress import BYTES, EVERY_ENV, PlainProgress, progress_display
+from cocomix.core.errors import ConfigError
+from cocomix.core.progress import BYTES, EVERY_ENV, PlainProgress, progress_display
 
 LINE = re.compile(r"^tokenize  (\d+)/(\d+|\?) docs  ([\d,.]+) docs/s  elapsed \d+:\d\d:\d\d(  ETA \d+:\d\d:\d\d)?  [\d,]+ tok/s$")
 
@@ -146,9 +146,9 @@ def test_bad_interval_is_a_config_error(monkeypatch):
 
 
 def test_sae_train_and_extract_displays_log_plain_lines(monkeypatch):
-    from cocomix.pipeline import logs
+    from cocomix.core import logs
     from cocomix.stage1_extract.report import ExtractProgress
-    from cocomix.stage1_extract.sae_progress import SaeTrainProgress
+    from cocomix.stage1_extract.sae.progress import SaeTrainProgress
 
     buf = io.StringIO()
     monkeypatch.setattr(logs.console, "_file", buf)  # not the `file` property: teardown would pin the captured stream

@@ -10,7 +10,7 @@ Same parameters and arithmetic as openai/sparse_autoencoder ``model.py`` (names 
 Only the k active latents of ``z`` are kept (``top_idx``/``top_val``); decoding gathers
 the k decoder columns instead of multiplying a dense ``[.., L]`` vector.
 
-Shape legend: ``D`` teacher/SAE input width, ``L`` latents, ``K`` active latents (TopK k),
+Shape legend: ``D`` teacher/SAE input width, ``L`` latents, ``Z`` active latents (TopK k),
 ``N`` flattened leading dims.
 """
 from __future__ import annotations
@@ -21,31 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LN_EPS = 1e-5
-
-
-class Normalized(NamedTuple):
-    """Output of :func:`layernorm_unbiased`."""
-
-    x: torch.Tensor  #: ``(h - mu) / (std + eps)``, same shape as ``h``
-    mu: torch.Tensor  #: mean over the last dim, keepdim
-    std: torch.Tensor  #: **unbiased** std over the last dim, keepdim
-
-
-def layernorm_unbiased(h: torch.Tensor, eps: float = LN_EPS) -> Normalized:
-    """OpenAI SAE input normalisation (also the student's): unbiased std, eps added to std."""
-    mu = h.mean(dim=-1, keepdim=True)
-    centered = h - mu
-    std = centered.std(dim=-1, keepdim=True)  # unbiased, as openai/sparse_autoencoder
-    return Normalized(centered / (std + eps), mu, std)
+from cocomix.core.layernorm import Normalized, layernorm_unbiased
 
 
 class SaeEncoding(NamedTuple):
     """Output of :meth:`TopKSAE.encode`."""
 
     pre: torch.Tensor | None  #: [..., L] pre-activations (only with ``dense=True``, else None)
-    top_idx: torch.Tensor  #: [..., K] int64 indices of the k largest pre-activations, largest first
-    top_val: torch.Tensor  #: [..., K] ReLU of those pre-activations (the non-zero latents)
+    top_idx: torch.Tensor  #: [..., Z] int64 indices of the k largest pre-activations, largest first
+    top_val: torch.Tensor  #: [..., Z] ReLU of those pre-activations (the non-zero latents)
     norm: Normalized  #: the normalised input and the (mu, std) that decode needs
 
 
@@ -96,9 +80,9 @@ class TopKSAE(nn.Module):
         ``val * W_dec[:, idx]`` per row without materialising ``[..., L]``.
         """
         lead = top_idx.shape[:-1]
-        idx_NK = top_idx.reshape(-1, top_idx.shape[-1])
-        val_NK = top_val.reshape(-1, top_val.shape[-1]).to(self.W_dec.dtype)
-        out_ND = F.embedding_bag(idx_NK, self.W_dec.t(), per_sample_weights=val_NK, mode="sum")
+        idx_NZ = top_idx.reshape(-1, top_idx.shape[-1])
+        val_NZ = top_val.reshape(-1, top_val.shape[-1]).to(self.W_dec.dtype)
+        out_ND = F.embedding_bag(idx_NZ, self.W_dec.t(), per_sample_weights=val_NZ, mode="sum")
         return (out_ND + self.b_pre).reshape(*lead, self.d_in)
 
     def decode(self, top_idx: torch.Tensor, top_val: torch.Tensor, norm: Normalized) -> torch.Tensor:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cocomix.pipeline.errors import CocomixError
-from cocomix.pipeline.workspace import find_single, slug, workspace_root
+from cocomix.core.errors import CocomixError
+from cocomix.core.workspace import find_single, slug, workspace_root
 
 
 def test_workspace_root_precedence(monkeypatch, tmp_path):

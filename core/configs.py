@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import typer
 
-from cocomix.pipeline.errors import CocomixError, ConfigError
+from cocomix.core.errors import CocomixError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _refuse_non_finite(values: dict) -> None:
 
 
 def _error(message: str, label: str = "error") -> None:
-    from cocomix.pipeline.logs import console
+    from cocomix.core.logs import console
 
     console.print(f"[bold red]{label}:[/] {message}", highlight=False, soft_wrap=True)
 

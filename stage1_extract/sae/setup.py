@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from cocomix.core.device import resolve_device
 from cocomix.stage1_extract.config import SaeTrainConfig
-from cocomix.stage1_extract.sae_stream import window_batches
-from cocomix.stage1_extract.teacher import Teacher, check_layer, check_tokenizer, load_teacher, resolve_device
+from cocomix.stage1_extract.sae.stream import window_batches
+from cocomix.stage1_extract.teacher import Teacher, check_layer, check_tokenizer, load_teacher
 
 log = logging.getLogger(__name__)
 

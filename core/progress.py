@@ -24,8 +24,8 @@ from rich import filesize
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task, TaskID
 
-from cocomix.pipeline.errors import ConfigError
-from cocomix.pipeline.logs import console as default_console
+from cocomix.core.errors import ConfigError
+from cocomix.core.logs import console as default_console
 
 EVERY_ENV = "COCOMIX_PROGRESS_EVERY"
 DEFAULT_EVERY_S = 30.0

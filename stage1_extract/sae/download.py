@@ -17,10 +17,11 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError
-from cocomix.pipeline.logs import console
-from cocomix.pipeline.progress import BYTES, progress_display
-from cocomix.pipeline.workspace import cache_dir as workspace_cache, workspace_root
+from cocomix.core.errors import CocomixError, IntegrityError
+from cocomix.core.logs import console
+from cocomix.core.progress import BYTES, progress_display
+from cocomix.core.workspace import cache_dir as workspace_cache
+from cocomix.core.workspace import workspace_root
 from cocomix.storage.files import atomic_replace, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cocomix.pipeline.errors import CocomixError
-from cocomix.stage1_extract.sae import layernorm_unbiased
+from cocomix.core.errors import CocomixError
+from cocomix.core.layernorm import layernorm_unbiased
 from cocomix.stage1_extract.teacher import Teacher, hidden_states_at
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cocomix.pipeline.errors import CocomixError, ConfigError, MismatchError
-from cocomix.stage1_extract.sae import layernorm_unbiased
-
-from cocomix.stage2_pretrain.generate import (context_length, encode_prompt, generate, is_cocomix, load_for_generation,
-                                              load_tokenizer, make_decoder, sampling_of)
+from cocomix.core.errors import CocomixError, ConfigError, MismatchError
+from cocomix.core.layernorm import layernorm_unbiased
+from cocomix.stage2_pretrain.generate import (
+    context_length,
+    encode_prompt,
+    generate,
+    is_cocomix,
+    load_for_generation,
+    load_tokenizer,
+    make_decoder,
+    sampling_of,
+)
 from cocomix.stage2_pretrain.generate_config import SteerConfig
 from cocomix.stage2_pretrain.model import ConceptBottleneck, ConceptStep
 
@@ -145,7 +152,7 @@ def check_steerable(model, cfg: SteerConfig) -> None:
 
 def load_teacher_side(cfg: SteerConfig, student_config, device):
     """(teacher, SAE, layer), checked against each other and against the student's concepts."""
-    from cocomix.stage1_extract.sae_io import load_sae
+    from cocomix.stage1_extract.sae.io import load_sae
     from cocomix.stage1_extract.teacher import check_layer, load_teacher
 
     sae, info = load_sae(cfg.sae)
@@ -188,7 +195,7 @@ class SteerResult:
 
 
 def run_steer(cfg: SteerConfig) -> SteerResult:
-    from cocomix.stage1_extract.teacher import resolve_device
+    from cocomix.core.device import resolve_device
 
     device = resolve_device(cfg.device)
     model = load_for_generation(cfg.ckpt, device)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from cocomix.pipeline.errors import CocomixError, IntegrityError, MismatchError
-from cocomix.stage1_extract.sae import TopKSAE
-from cocomix.stage1_extract.sae_download import fetch_openai, is_openai_spec, parse_openai_spec
+from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
+from cocomix.stage1_extract.sae.download import fetch_openai, is_openai_spec, parse_openai_spec
+from cocomix.stage1_extract.sae.model import TopKSAE
 from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from cocomix.pipeline.errors import CocomixError
+from cocomix.core.errors import CocomixError
 
 ENV = "COCOMIX_WORKSPACE"
 DEFAULT = "cocomix-workspace"
