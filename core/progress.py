@@ -17,12 +17,22 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
 from rich import filesize
 from rich.console import Console
-from rich.progress import Progress, ProgressColumn, Task, TaskID
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cocomix.core.errors import ConfigError
 from cocomix.core.logs import console as default_console
@@ -127,6 +137,43 @@ class PlainProgress(Progress):
             parts.append(f"ETA {_hms(math.ceil(remaining / rate)) if rate > 0 else '-:--:--'}" if remaining else f"ETA {_hms(0)}")
         extra = self.extra.format(task=task).strip() if self.extra else ""
         return "  ".join([task.description, *parts, *([extra] if extra else [])])
+
+
+class CommandProgress:
+    """The progress of a long command: ``[bold]name``, a bar, the subclass's columns, elapsed, ETA.
+
+    A live bar on a terminal, plain lines otherwise (:func:`progress_display`); counts only this run's
+    work for its rate (``completed`` is what earlier runs did). Subclasses say what a step advances.
+    """
+
+    def __init__(self, name: str, *columns: str | ProgressColumn, unit: str, total: float | None,
+                 completed: float = 0, plain_extra: str = "", enabled: bool = True, **fields: Any) -> None:
+        self.progress = progress_display(
+            TextColumn(f"[bold]{name}"), BarColumn(), *columns, TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), unit=unit, plain_extra=plain_extra, console=default_console,
+            disable=not enabled, transient=False)
+        self.task = self.progress.add_task(name, total=total, completed=completed, **fields)
+        self.t0 = time.monotonic()
+        self.done = 0  #: what this run advanced
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+    def rate(self, amount: float) -> float:
+        """``amount`` per second of this run."""
+        return amount / max(self.seconds, 1e-9)
+
+    def step(self, n: float, **fields: Any) -> None:
+        self.done += n
+        self.progress.update(self.task, advance=n, **fields)
 
 
 def _number(x: float) -> str:

@@ -10,49 +10,34 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
 from cocomix.core.logs import console
-from cocomix.core.progress import progress_display
+from cocomix.core.progress import CommandProgress
 
 
-class ExtractProgress:
-    """Context manager around a rich bar (plain lines when not on a terminal) over this process's pending tokens."""
+class ExtractProgress(CommandProgress):
+    """The extract bar (plain lines when not on a terminal) over this process's pending tokens."""
 
     def __init__(self, total_tokens: int, total_shards: int, enabled: bool) -> None:
-        self.progress = progress_display(
-            TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[shards]}"),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            unit="tok", plain_extra="{task.fields[shards]}",
-            console=console, disable=not enabled, transient=False,
-        )
-        self.task = self.progress.add_task("extract", total=max(total_tokens, 1), shards="", rate="")
-        self.total_shards, self.shards, self.tokens = total_shards, 0, 0
-        self.t0 = time.monotonic()
+        super().__init__("extract", TextColumn("{task.fields[shards]}"), TextColumn("{task.fields[rate]}"), unit="tok",
+                         total=max(total_tokens, 1), plain_extra="{task.fields[shards]}", enabled=enabled,
+                         shards="", rate="")
+        self.total_shards, self.shards = total_shards, 0
 
     def __enter__(self) -> "ExtractProgress":
-        self.progress.start()
+        super().__enter__()
         self._refresh()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.t0
-
     def tokens_done(self, n: int) -> None:
-        self.tokens += n
-        self.progress.update(self.task, advance=n)
+        self.step(n)
         self._refresh()
 
     def shard_done(self) -> None:
@@ -60,8 +45,8 @@ class ExtractProgress:
         self._refresh()
 
     def _refresh(self) -> None:
-        rate = self.tokens / max(self.seconds, 1e-9)
-        self.progress.update(self.task, shards=f"{self.shards}/{self.total_shards} shards", rate=f"{rate:,.0f} tok/s")
+        self.progress.update(self.task, shards=f"{self.shards}/{self.total_shards} shards",
+                             rate=f"{self.rate(self.done):,.0f} tok/s")
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -1,44 +1,28 @@
 """Console output of ``tokenize``: a progress bar (documents/s, tokens/s, ETA) and a summary table."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from cocomix.core.logs import console, process_rank
-from cocomix.core.progress import progress_display
+from cocomix.core.progress import CommandProgress
 
 
-class TokenizeProgress:
-    """Context manager around a rich bar (plain lines when not on a terminal); the rates count only this run's documents."""
+class TokenizeProgress(CommandProgress):
+    """The tokenize bar (plain lines when not on a terminal); the rates count only this run's documents."""
 
     def __init__(self, total_docs: int | None, already_done: int) -> None:
-        self.progress = progress_display(
-            TextColumn("[bold]tokenize"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            unit="docs", plain_extra="{task.fields[tok_rate]}",
-            console=console, disable=process_rank() != 0, transient=False,
-        )
-        self.task = self.progress.add_task("tokenize", total=total_docs, completed=already_done, rates="", tok_rate="")
-        self.t0 = time.monotonic()
-        self.docs = 0
+        super().__init__("tokenize", MofNCompleteColumn(), TextColumn("{task.fields[rates]}"), unit="docs",
+                         total=total_docs, completed=already_done, plain_extra="{task.fields[tok_rate]}",
+                         enabled=process_rank() == 0, rates="", tok_rate="")
         self.tokens = 0
 
-    def __enter__(self) -> "TokenizeProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
     def advance(self, docs: int, tokens: int) -> None:
-        self.docs += docs
         self.tokens += tokens
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        tok_rate = f"{self.tokens / dt:,.0f} tok/s"
-        self.progress.update(self.task, advance=docs, rates=f"{self.docs / dt:,.0f} docs/s  {tok_rate}", tok_rate=tok_rate)
+        tok_rate = f"{self.rate(self.tokens):,.0f} tok/s"
+        self.step(docs, rates=f"{self.rate(self.done + docs):,.0f} docs/s  {tok_rate}", tok_rate=tok_rate)
 
 
 def print_summary(result: Any, stats: Any) -> None:

@@ -1,43 +1,27 @@
 """Console output of ``sae train``: a progress bar (tokens/s, ETA, FVU, L0, dead) and a summary."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, TextColumn
 
 from cocomix.core.logs import console, process_rank
-from cocomix.core.progress import progress_display
+from cocomix.core.progress import CommandProgress
 
 
-class SaeTrainProgress:
-    """Context manager around a rich bar (plain lines when not on a terminal) counting training activations (tokens)."""
+class SaeTrainProgress(CommandProgress):
+    """The sae train bar (plain lines when not on a terminal) counting training activations (tokens)."""
 
     def __init__(self, total_tokens: int, done_tokens: int = 0) -> None:
-        self.progress = progress_display(
-            TextColumn("[bold]sae train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            unit="tok", plain_extra="{task.fields[stats]}",
-            console=console, disable=process_rank() != 0,
-        )
-        self.task = self.progress.add_task("sae train", total=total_tokens, completed=done_tokens, info="", stats="")
-        self.t0 = time.monotonic()
-        self.tokens = 0
+        super().__init__("sae train", MofNCompleteColumn(), TextColumn("{task.fields[info]}"), unit="tok",
+                         total=total_tokens, completed=done_tokens, plain_extra="{task.fields[stats]}",
+                         enabled=process_rank() == 0, info="", stats="")
         self.fvu_ema: float | None = None
 
-    def __enter__(self) -> "SaeTrainProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
     def advance(self, tokens: int, stats: Any, dead_fraction: float) -> None:
-        self.tokens += tokens
         self.fvu_ema = stats.fvu if self.fvu_ema is None else 0.9 * self.fvu_ema + 0.1 * stats.fvu
-        rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
         quality = f"fvu {self.fvu_ema:.3f}  l0 {stats.l0:.1f}  dead {dead_fraction:.1%}"
-        self.progress.update(self.task, advance=tokens, info=f"{rate:,.0f} tok/s  {quality}", stats=quality)
+        self.step(tokens, info=f"{self.rate(self.done + tokens):,.0f} tok/s  {quality}", stats=quality)
 
 
 def print_summary(result: Any) -> None:
