@@ -17,7 +17,7 @@ from pathlib import Path
 from cocomix.core.errors import CocomixError, ConfigError
 from cocomix.stage2_pretrain.checkpoint import CKPT_DIR
 from cocomix.storage.files import atomic_write_json, fsync_dir
-from cocomix.storage.identity import content_identity
+from cocomix.storage.identity import content_identity, describe_diff, differences
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +78,25 @@ def check_resume_matches(out: Path, record: dict) -> None:
     if not path.exists():
         return
     before = json.loads(path.read_text())
-    for flag, key in MUST_MATCH:
-        if key == "lr" and record["config"].get("override_lr"):
-            continue  # asked for explicitly; record_lr_change keeps the history
-        old, new = before["plan"].get(key), record["plan"].get(key)
-        if old is not None and old != new:
-            hint = " (or --override-lr to change it)" if key == "lr" else ""
-            raise ConfigError(f"--resume: {flag} was {old} in {out} but is {new} now; pass {flag} {old}{hint} or start another --out")
+    override_lr = bool(record["config"].get("override_lr"))  # asked for explicitly; record_lr_change keeps the history
+    was = {flag: before["plan"].get(key) for flag, key in MUST_MATCH
+           if before["plan"].get(key) is not None and not (key == "lr" and override_lr)}
+    now = {flag: record["plan"].get(key) for flag, key in MUST_MATCH if flag in was}
+    if record["config"].get("width") is not None:
+        was["--width"] = before["config"].get("width") or "the preset width"
+        now["--width"] = record["config"]["width"]
+    was["--label-windows"] = before["config"].get("label_windows", "free")  # runs from before the flag read labels as `free`
+    now["--label-windows"] = record["config"].get("label_windows")
+    found = differences(was, now)
+    if found:
+        first = found[0]
+        advice = ("drop --width (the checkpoint fixes the model)" if first.where == "--width"
+                  else f"pass {first.where} {first.old}" + (" (or --override-lr to change it)" if first.where == "--lr" else ""))
+        raise ConfigError(f"--resume: {describe_diff(was, now)} (in {out}); {advice} or start another --out")
     old_method, new_method = _method_flags(before), _method_flags(record)
     if old_method is not None and old_method != new_method:
         raise ConfigError(f"--resume: the method flags were {old_method} in {out} but are {new_method} now; "
                           "pass the same flags (the checkpoint fixes the model) or start another --out")
-    old_lw, new_lw = before["config"].get("label_windows", "free"), record["config"].get("label_windows")
-    if old_lw != new_lw:  # runs from before --label-windows read labels as `free` does
-        raise ConfigError(f"--resume: --label-windows was {old_lw} in {out} but is {new_lw} now; pass --label-windows {old_lw} or start another --out")
-    old_width, new_width = before["config"].get("width"), record["config"].get("width")
-    if new_width is not None and new_width != old_width:
-        raise ConfigError(f"--resume: --width was {old_width or 'the preset width'} in {out} but is {new_width} now; "
-                          "drop --width (the checkpoint fixes the model) or start another --out")
     for what, flag in (("tokens", "--tokens"), ("targets", "--targets")):
         if what == "targets" and not (record.get("method") or {}).get("columns", record["plan"]["method"] != "ntp"):
             continue  # an NTP or pause run reads no targets (they only chose its width, now fixed by the checkpoint)

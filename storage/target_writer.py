@@ -27,7 +27,7 @@ import numpy as np
 from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
 from cocomix.storage import block_check
 from cocomix.storage.files import atomic_replace, atomic_write_json, sha256_file
-from cocomix.storage.identity import folder_identity
+from cocomix.storage.identity import Difference, describe_diff, folder_identity
 from cocomix.storage.target_schema import (
     FORMAT,
     LOCKS,
@@ -104,7 +104,7 @@ class TargetWriter:
                     log.info("%s: inputs found at other paths, same content (sha256 / fingerprint); resuming", self.out)
                 return
             if not overwrite and not (alone and not self._finished_any()):
-                raise MismatchError(f"{self.out} holds targets made with different settings ({_diff(old, record)}); pass --overwrite to replace them or choose another --out")
+                raise MismatchError(f"{self.out} holds targets made with different settings ({_describe_plan_change(old, record)}); pass --overwrite to replace them or choose another --out")
             self._clear(alone, "overwrite" if overwrite else "no shard was finished with the old settings")
         elif self.out.exists() and any(p.name != LOCKS for p in self.out.iterdir()):
             if not (self.out / MANIFEST).exists() or not overwrite:
@@ -334,55 +334,28 @@ def _checked_ints(arr: np.ndarray, shape: tuple, dtype: np.dtype, name: str, spe
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-_ABSENT = "(absent)"
-
-
-def _diff(old: dict, new: dict) -> str:
-    """What differs between two plan records, leaf by leaf with both values (paths that only
-    locate an input are left out, as :func:`folder_identity`); a changed shard plan in words."""
-    old, new = folder_identity(old), folder_identity(new)
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        if key == "shards":
-            if old.get(key) != new.get(key):
-                parts += _plan_diff(old.get(key) or [], new.get(key) or [], old.get("meta", {}).get("window"), new.get("meta", {}).get("window"))
-        else:
-            parts += _leaf_diffs(old.get(key, _ABSENT), new.get(key, _ABSENT), key)
-    shown = parts[:6]
-    if len(parts) > len(shown):
-        shown.append(f"and {len(parts) - len(shown)} more")
-    return "; ".join(shown) or "unknown difference"
-
-
-def _leaf_diffs(old: Any, new: Any, where: str) -> list[str]:
-    """``where.key: old vs new`` for every leaf that differs (dicts are walked, other values compared whole)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts = []
-        for key in sorted(set(old) | set(new), key=str):
-            parts += _leaf_diffs(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{where}.{key}")
-        return parts
-    return [] if old == new else [f"{where}: {_brief(old)} vs {_brief(new)}"]
-
-
-def _brief(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def _plan_diff(old: list, new: list, old_window: Any, new_window: Any) -> list[str]:
+def _plan_diff(old: list, new: list, old_window: Any, new_window: Any) -> list[Difference]:
     """A changed shard plan in words: splits, split lengths, windows (or tokens) per shard."""
     parts = []
     lo, ln = _split_lengths(old), _split_lengths(new)
     if sorted(lo) != sorted(ln):
-        parts.append(f"splits: {', '.join(sorted(lo)) or 'none'} vs {', '.join(sorted(ln)) or 'none'}")
-    parts += [f"tokens of split {s}: {lo[s]} vs {ln[s]}" for s in sorted(lo) if s in ln and lo[s] != ln[s]]
+        parts.append(Difference("splits", ", ".join(sorted(lo)) or "none", ", ".join(sorted(ln)) or "none"))
+    parts += [Difference(f"tokens of split {s}", lo[s], ln[s]) for s in sorted(lo) if s in ln and lo[s] != ln[s]]
     so, sn = _shard_tokens(old), _shard_tokens(new)
     if so != sn:
         if old_window == new_window and isinstance(new_window, int) and so and sn and so % new_window == sn % new_window == 0:
-            parts.append(f"windows per shard: {so // new_window} vs {sn // new_window}")
+            parts.append(Difference("windows per shard", so // new_window, sn // new_window))
         else:
-            parts.append(f"tokens per shard: {so or 'one shard per split'} vs {sn or 'one shard per split'}")
-    return parts or [f"shard plan: {len(old)} vs {len(new)} shards"]
+            parts.append(Difference("tokens per shard", so or "one shard per split", sn or "one shard per split"))
+    return parts or [Difference("shard plan", f"{len(old)} shards", f"{len(new)} shards")]
+
+
+def _describe_plan_change(old: dict, new: dict) -> str:
+    """What differs between two plan records (paths that only locate an input left out)."""
+    old, new = folder_identity(old), folder_identity(new)
+    windows = (old.get("meta", {}).get("window"), new.get("meta", {}).get("window"))
+    return describe_diff(old, new, special={"shards": lambda a, b: _plan_diff(a or [], b or [], *windows)}) \
+        or "unknown difference"
 
 
 def _split_lengths(shards: list) -> dict[str, int]:

@@ -33,7 +33,7 @@ from cocomix.storage import bpe
 from cocomix.storage.config import TokenizeConfig
 from cocomix.storage.corpus import Corpus, resolve_corpus
 from cocomix.storage.encode import batched, encode_stream
-from cocomix.storage.identity import content_identity
+from cocomix.storage.identity import content_identity, describe_diff
 from cocomix.storage.progress_ui import TokenizeProgress, print_summary
 from cocomix.storage.store_writer import PROGRESS, StoreWriter, clear_folder
 from cocomix.storage.token_store import FORMAT, SCHEMA_VERSION, TOKENIZER_DIR, token_dtype, tokenizer_fingerprint
@@ -177,30 +177,14 @@ def _existing_attrs(out: Path) -> dict | None:
 
 def _refuse_or_clear(out: Path, attrs: dict, identity: dict, overwrite: bool) -> None:
     old = attrs.get("identity") or {}
+    ours, theirs = content_identity(old), content_identity(identity)  # equal content under other paths is no change
+    keys = [k for k in identity if ours.get(k) != theirs.get(k)] or list(identity)
+    differs = describe_diff({k: old.get(k) for k in keys}, {k: identity.get(k) for k in keys}) or "other settings"
     if not overwrite:
-        ours, theirs = content_identity(old), content_identity(identity)
-        keys = [k for k in identity if ours.get(k) != theirs.get(k)] or list(identity)
-        raise MismatchError(
-            f"{out} holds a token store made with {_describe(old, keys)}, not {_describe(identity, keys)}; "
-            "pass --overwrite to replace it or choose another --out"
-        )
-    log.warning("--overwrite: replacing %s (%s)", out, _describe(old, list(old)))
+        raise MismatchError(f"{out} holds a token store made with other settings ({differs}); "
+                            "pass --overwrite to replace it or choose another --out")
+    log.warning("--overwrite: replacing %s (%s)", out, differs)
     clear_folder(out)
-
-
-def _describe(identity: dict, keys: list[str]) -> str:
-    """The parts ``keys`` of a store identity, in words."""
-    parts = []
-    for key in keys:
-        value = identity.get(key)
-        if key == "corpus" and isinstance(value, dict):
-            parts.append(f"corpus {value.get('source')} (fingerprint {str(value.get('fingerprint'))[:12]}, field {value.get('text_field')!r})")
-        elif key == "tokenizer" and isinstance(value, dict):
-            parts.append(f"a BPE trained to {value['train_bpe']} ids" if "train_bpe" in value
-                         else f"tokenizer {value.get('name')} (sha256 {str(value.get('sha256'))[:12]})")
-        else:
-            parts.append(f"{key} {value}")
-    return ", ".join(parts)
 
 
 def _resume(out: Path) -> tuple[StoreWriter | None, object]:

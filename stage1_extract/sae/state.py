@@ -29,7 +29,7 @@ from cocomix.stage1_extract.sae.stream import (
     window_batches,
 )
 from cocomix.storage.files import atomic_replace, atomic_write_json, complete_step_dirs, publish_step_dir, step_dir_name
-from cocomix.storage.identity import content_identity
+from cocomix.storage.identity import content_identity, describe_diff
 from cocomix.storage.safe_load import torch_load
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def open_resume(out: Path, cfg: SaeTrainConfig, identity: dict) -> Path | None:
         shutil.rmtree(Path(out) / RESUME_DIR, ignore_errors=True)  # only unfinished temp folders: start over
         return None
     saved = json.loads((states[-1] / RUN_FILE).read_text())["identity"]
-    differs = _first_difference(saved, identity)
-    if differs is None:
+    differs = describe_diff(saved, identity, names=_shown)
+    if not differs:
         return states[-1]
     if cfg.overwrite:
         log.warning("--out %s: discarding an unfinished run made with other settings (%s)", out, differs)
@@ -82,20 +82,8 @@ def open_resume(out: Path, cfg: SaeTrainConfig, identity: dict) -> Path | None:
                        "to continue it, or pass --overwrite to start over")
 
 
-def _first_difference(saved: dict, now: dict) -> str | None:
-    now = json.loads(json.dumps(now))  # same JSON types as the saved copy
-    for name, value in now["flags"].items():
-        if saved["flags"].get(name, "<unset>") != value:
-            return f"{flag_name(name)} {saved['flags'].get(name, '<unset>')} (now {value})"
-    if saved["teacher"] != now["teacher"]:
-        return f"another --teacher (weights {_short(saved['teacher'])}, now {_short(now['teacher'])})"
-    if saved["tokens"] != now["tokens"]:
-        return "another --tokens store (different tokenizer or corpus)"
-    return None
-
-
-def _short(info: dict) -> str:
-    return str(info.get("sha256") or info.get("revision"))[:12]
+def _shown(path: str) -> str | None:
+    return flag_name(path.split(".", 1)[1]) if path.startswith("flags.") else None
 
 
 def save_state(out: Path, run: "TrainRun") -> Path:

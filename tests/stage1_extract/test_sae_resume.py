@@ -148,7 +148,7 @@ def test_rerun_with_other_flags_is_refused_in_one_line(tmp_path, token_store, te
     result = CliRunner().invoke(app, ["sae", "train", *args])
     assert result.exit_code == 2 and "Traceback" not in result.output
     message = " ".join(result.output.split())
-    assert "--lr 0.003 (now 0.001)" in message and "--overwrite" in message and "save-every" not in message
+    assert "--lr was 0.003, now 0.001" in message and "--overwrite" in message and "save-every" not in message
     assert sae_state.saved_states(tmp_path / "sae")  # the unfinished run is kept
 
 

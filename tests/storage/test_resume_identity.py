@@ -115,8 +115,8 @@ def test_target_folder_resumes_after_inputs_moved(tmp_path, store):
 
 
 @pytest.mark.parametrize("teacher,what", [
-    ({"id": "gpt2-medium", "revision": "r1"}, "meta.teacher.id: gpt2 vs gpt2-medium"),
-    ({"id": "gpt2", "revision": "r2"}, "meta.teacher.revision: r1 vs r2"),
+    ({"id": "gpt2-medium", "revision": "r1"}, "meta.teacher.id was gpt2, now gpt2-medium"),
+    ({"id": "gpt2", "revision": "r2"}, "meta.teacher.revision was r1, now r2"),
 ])
 def test_other_hub_teacher_is_refused(tmp_path, store, teacher, what):
     hub = {"id": "gpt2", "revision": "r1", "n_layer": 3, "d_model": 32}
@@ -144,10 +144,10 @@ def test_refusal_names_the_differing_leaf_keys(tmp_path, store):
     with pytest.raises(MismatchError) as err:
         _writer(out, store, _meta(store, sae={"k": 16}))
     message = str(err.value)
-    assert "meta.sae.k: 8 vs 16" in message and "d_in" not in message and "…" not in message
+    assert "meta.sae.k was 8, now 16" in message and "d_in" not in message and "…" not in message
     with pytest.raises(MismatchError) as err:
         _writer(out, store, _meta(store), windows_per_shard=3)
-    assert "windows per shard: 5 vs 3" in str(err.value) and "'start'" not in str(err.value)
+    assert "windows per shard was 5, now 3" in str(err.value) and "'start'" not in str(err.value)
 
 
 def test_a_plan_that_finished_no_shard_is_replaced_by_other_settings(tmp_path, store):
