@@ -49,7 +49,7 @@ COMMANDS = {
     "tokenize": (app, TokenizeConfig, "cocomix.storage.tokenize:run_tokenize"),
     "inspect": (app, InspectConfig, "cocomix.storage.inspect:run_inspect"),
     "verify": (app, VerifyConfig, "cocomix.storage.verify:run_verify"),
-    "extract": (app, ExtractConfig, "cocomix.stage1_extract.extract:run_extract"),
+    "extract": (app, ExtractConfig, "cocomix.pipeline.chain:run_extract_chain"),
     "sae train": (sae_app, SaeTrainConfig, "cocomix.stage1_extract.sae.train:run_sae_train"),
     "pretrain": (app, PretrainConfig, "cocomix.stage2_pretrain.train:run_pretrain"),
     "eval": (app, EvalConfig, "cocomix.stage2_pretrain.evaluate:run_eval"),

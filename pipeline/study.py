@@ -151,10 +151,10 @@ def prepare_inputs(study: Study) -> None:
         if not target.extract:
             raise CocomixError(f"study {spec.name}: target folder {target.path} (targets.{target.name}) is missing "
                                "or unfinished and the spec has no `extract` table to make it")
-        from cocomix.stage1_extract.extract import run_extract
+        from cocomix.pipeline.chain import run_extract_chain  # tokenizes a `corpus` first, as `cocomix extract` does
 
         log.info("study %s: extracting targets.%s into %s", spec.name, target.name, target.path)
-        run_extract(extract_config(spec, target, study.workspace))
+        run_extract_chain(extract_config(spec, target, study.workspace))
 
 
 def needed_targets(study: Study) -> list:

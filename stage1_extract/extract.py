@@ -22,7 +22,7 @@ import torch
 
 from cocomix.core.device import resolve_device
 from cocomix.core.errors import ConfigError, MismatchError
-from cocomix.core.workspace import cache_dir, targets_dir, tokens_dir, workspace_root
+from cocomix.core.workspace import cache_dir, targets_dir, workspace_root
 from cocomix.stage1_extract.attribution import AttributionSpec
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.dist import Dist, init_dist
@@ -68,18 +68,21 @@ class Inputs:
     splits: list[str]
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
+def run_extract(cfg: ExtractConfig, dist: Dist | None = None) -> ExtractResult:
+    """Label ``cfg.tokens`` (``--corpus`` alone is tokenized first by the CLI's extract: pipeline/chain.py)."""
     t0 = time.monotonic()
     device = resolve_device(cfg.device)
     use_tf32(device)
-    dist = init_dist(device)
+    own = dist is None
+    dist = dist or init_dist(device)
     threads = torch.get_num_threads()
     try:
         inputs = load_inputs(cfg, device, dist)
         return _extract(cfg, inputs, dist, device, t0)
     finally:
         torch.set_num_threads(threads)  # a caller's own setting (tests, quickstart) comes back
-        dist.close()
+        if own:
+            dist.close()
 
 
 def _extract(cfg: ExtractConfig, inputs: Inputs, dist: Dist, device: torch.device, t0: float) -> ExtractResult:
@@ -185,9 +188,10 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
     teacher = load_teacher(cfg.teacher, device)
     check_layer(teacher, cfg.layer)
     check_window(teacher, cfg.window)
-    tokens_path = Path(cfg.tokens) if cfg.tokens else tokens_dir(ws, cfg.corpus)
     if cfg.tokens is None:
-        ensure_tokenized(cfg, tokens_path, dist)
+        raise ConfigError("--corpus without --tokens is tokenized by `cocomix extract`; call "
+                          "cocomix.pipeline.chain.run_extract_chain, or pass --tokens DIR")
+    tokens_path = Path(cfg.tokens)
     store = TokenStore.open(tokens_path)
     check_tokenizer(teacher, store)
     check_vocab(teacher, store)
@@ -201,17 +205,6 @@ def load_inputs(cfg: ExtractConfig, device: torch.device, dist: Dist) -> Inputs:
         store.split(name)  # a clear error naming the known splits
     out = Path(cfg.out) if cfg.out else targets_dir(ws, cfg.corpus or tokens_path.name)
     return Inputs(teacher, sae, info, store, tokens_path, out, splits)
-
-
-def ensure_tokenized(cfg: ExtractConfig, tokens_path: Path, dist: Dist) -> None:
-    """``--corpus`` without ``--tokens``: tokenize with the teacher's tokenizer (rank 0; others wait)."""
-    from cocomix.storage.config import TokenizeConfig
-    from cocomix.storage.tokenize import run_tokenize
-
-    if dist.is_main:
-        log.info("tokenizing %s with the teacher's tokenizer into %s", cfg.corpus, tokens_path)
-        run_tokenize(TokenizeConfig(corpus=cfg.corpus, tokenizer=cfg.teacher, out=str(tokens_path), workspace=cfg.workspace))
-    dist.barrier()
 
 
 HOOK_LOCATIONS = (None, "resid_post", "resid_post_mlp")  #: names of "the output of block L" (SAELens, OpenAI)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cocomix.core.errors import CocomixError, ConfigError, MismatchError
+from cocomix.pipeline.chain import run_extract_chain
 from cocomix.stage1_extract.config import ExtractConfig
 from cocomix.stage1_extract.extract import run_extract
 from cocomix.stage1_extract.teacher import load_teacher
@@ -226,7 +227,9 @@ def test_corpus_without_tokens_tokenizes_with_teacher_tokenizer(tmp_path, corpus
     ws = tmp_path / "ws"
     cfg = ExtractConfig(corpus=str(corpus_dir), teacher=str(teacher_dir), sae=str(openai_sae_file), layer=LAYER,
                         window=128, windows_per_shard=64, batch_size=8, workspace=str(ws), device="cpu")
-    result = run_extract(cfg)
+    with pytest.raises(ConfigError, match="--tokens"):
+        run_extract(cfg)  # the chain (tokenize, then extract) is the CLI's, in pipeline/
+    result = run_extract_chain(cfg)
     assert result.tokens.parent == ws / "tokens" and result.out.parent == ws / "targets"
     store = TokenStore.open(result.tokens)
     reader = TargetReader.open(result.out, verify=True)
