@@ -44,14 +44,23 @@ class ShowResult(NamedTuple):
     html: Path | None
 
 
-def load_concept_model(ckpt: str):
-    """A CoCoMix checkpoint, or a one-line error for anything else (an NTP model has no concept head)."""
+def load_concept_model(ckpt: str, need_compression: bool = False):
+    """A CoCoMix checkpoint that predicts SAE concepts (and, with ``need_compression``, mixes them
+    in through W_comp), or a one-line error for anything else."""
     from cocomix.stage2_pretrain.evaluate import load_checkpoint_model
     from cocomix.stage2_pretrain.model import CoCoMixForCausalLM
 
     model = load_checkpoint_model(Path(ckpt))
+    kind = model.config.model_type
     if not isinstance(model, CoCoMixForCausalLM):
-        raise CocomixError(f"{ckpt} is an NTP checkpoint (model_type {model.config.model_type!r}): it predicts no concepts; pass a CoCoMix checkpoint")
+        what = "an NTP" if kind == "gpt2" else f"a {kind!r}"
+        raise CocomixError(f"{ckpt} is {what} checkpoint (model_type {kind!r}): it predicts no concepts; pass a CoCoMix checkpoint")
+    if model.config.concept_target != "concepts":
+        raise CocomixError(f"{ckpt} was trained with --concept-target {model.config.concept_target}: it predicts the teacher's "
+                           "hidden state, not SAE concepts; pass a CoCoMix checkpoint trained on concept labels")
+    if need_compression and model.config.mix == "none":
+        raise CocomixError(f"{ckpt} was trained with --mix none (prediction only): it has no compression layer W_comp; "
+                           "pass a checkpoint trained with --mix interleave or add")
     return model.eval()
 
 

@@ -88,7 +88,7 @@ def plot_histogram(res: WeightsResult, path: Path, bins: int, title: str) -> Non
 def run_weights(cfg: WeightsConfig) -> WeightsResult:
     from cocomix.stage2_pretrain.concepts_show import load_concept_model
 
-    model = load_concept_model(cfg.ckpt)
+    model = load_concept_model(cfg.ckpt, need_compression=True)
     res = summarize(concept_norms(model), cfg.threshold, cfg.concept_ids())
     if cfg.plot:
         plot = Path(cfg.plot)

@@ -182,3 +182,25 @@ def test_html_page_shows_a_tokens_concepts_on_click_in_chromium(tmp_path, studen
         assert errors == [], errors
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("change, words", [({"concept_target": "hidden", "d_teacher": 16}, "--concept-target hidden"),
+                                           ({"mix": "none"}, "--mix none")])
+def test_checkpoints_without_concepts_or_w_comp_are_refused(tmp_path, student, change, words):
+    """A hidden-state student predicts no SAE concepts (show and weights refuse); a prediction-only
+    student has concepts but no W_comp (weights refuses, show works)."""
+    from cocomix.stage2_pretrain.model import CoCoMixConfig, CoCoMixForCausalLM
+
+    config = CoCoMixConfig.from_pretrained(student)
+    for key, value in change.items():
+        setattr(config, key, value)
+    CoCoMixForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    for f in student.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "ckpt" / f.name)
+    result = CliRunner().invoke(app, ["concepts", "weights", str(tmp_path / "ckpt")])
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
+    if change.get("mix") == "none":
+        assert run_show(ShowConfig(ckpt=str(tmp_path / "ckpt"), text=TEXT)).concepts
+    else:
+        with pytest.raises(CocomixError, match="hidden state, not SAE concepts"):
+            run_show(ShowConfig(ckpt=str(tmp_path / "ckpt"), text=TEXT))
