@@ -3,6 +3,7 @@
 #   stage 1 at GPT-2-small shapes (d 768, 12 layers, V 50257, 32768 latents, window 1024),
 #   stage 2 at 69m shapes (CoCoMix d 512 vs matched NTP, bf16, fused AdamW, MFU),
 #   KD samples in the extract pass and every pretrain method vs NTP (69m shapes),
+#   lm-eval harness loglikelihood vs a plain forward (69m shapes),
 #   SAE decode/train step at GPT-2-small SAE shapes, storage read rates,
 #   and a CUDA smoke run of the shipped FSDP config (bf16 mixed precision, NCCL, 1 process: a small
 #   quickstart chain makes the inputs, then `pretrain` under FSDP, killed and resumed).
@@ -18,6 +19,7 @@ run extract python bench/extract.py --gpu-shapes --device cuda
 run pretrain python bench/pretrain.py --gpu-shapes
 run extract-kd python bench/extract.py --gpu-shapes --device cuda --kd-samples 32 --only-kd
 run pretrain-methods python bench/pretrain.py --gpu-shapes --methods --rounds 5
+run eval python bench/eval.py --gpu-shapes
 run sae python bench/sae.py --full
 run storage python bench/storage.py
 
