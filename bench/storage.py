@@ -13,8 +13,10 @@ optimised path and its baseline run side by side:
 - target shards, read: TargetReader.window (mmap, cached zero-copy views) vs opening the shard per window
   with ``pyarrow.ipc.open_file(...).read_all()`` (no mmap, no cache);
 - target shards, block checksums: the stage-2 loader (``TrainStream`` over ``TargetSource``, batches of
-  16 x 1024, int64) over one epoch with a fresh reader, so every block is CRC32C-checked on its first
-  read, vs the same with the checks switched off (goal: at most 5 % off); runs alternate, medians;
+  16 x 1024, int64) over one epoch with a fresh reader, so every block is CRC32C-checked before its first
+  rows are handed on -- by the loader itself (one CPU), or ahead by the check-ahead helper process on a
+  second core (the default with 2+ CPUs) -- vs the same with the checks switched off (goal: at most 5 %
+  off); runs rotate, medians;
 - token store, read: TokenSplit.read (direct chunk files) vs zarr-python slicing, for several chunk/shard sizes;
   the decoded-chunk cache is off, so every window pays for decoding its chunk (random windows over a
   9B-token split almost never hit a cache).
@@ -37,6 +39,10 @@ import numpy as np
 K = 4
 WINDOW = 1024
 VOCAB = 50257
+#: seconds per step of 16 x 1024 tokens that the paced loader rows leave to "training" (8.2M tokens/s: about
+#: 6x what bench/pretrain.py estimates a 69m step on one H200 consumes, so the loader is still pressed)
+PACE = 0.002
+SETUP = 0.1  #: seconds between handing the helper the first windows and the first step (building a model takes longer)
 
 
 def pin_one_core() -> None:
@@ -125,49 +131,95 @@ def read_targets(folder: Path, n_tokens: int, n_windows: int) -> dict:
 
 def loader_checksum_cost(folder: Path, n_tokens: int, rounds: int = 7) -> dict:
     """The stage-2 loader over one first epoch with a fresh reader (every block checked before its
-    first rows are handed on), block checks on vs off, on the pinned core, runs alternating, medians:
-    wall-clock tokens/s, tokens per CPU-second of the process (other jobs on the core count less),
-    the spread of each round's on/off ratio, and the share of the epoch inside the checks."""
+    first rows are handed on), three ways, on the pinned core, runs rotating, medians:
+
+    - ``off``: block checks switched off (the baseline);
+    - ``inproc``: the loader checks each block itself on first read (one CPU, or ``COCOMIX_CHECK_AHEAD=0``);
+    - ``ahead``: the check-ahead helper process, pinned to another core, verifies the blocks in the
+      loader's order and the loader checks only what it reaches first (the default with two or more CPUs).
+
+    Per variant: wall-clock tokens/s, tokens per CPU-second of the loader's process, the share of the
+    epoch inside the loader's own checks; for ``ahead`` also the helper's CPU time per epoch (the cost
+    moved to the other core) and how many blocks the loader still checked itself."""
     from cocomix.stage2_pretrain.data import DataState, TargetSource, TrainStream
-    from cocomix.storage import block_check
+    from cocomix.storage import block_ahead, block_check
     from cocomix.storage.targets import TargetReader
 
     steps = n_tokens // (16 * WINDOW)
-    real, spent = block_check.BlockChecker.check, [0.0]
+    real, spent, own = block_check.BlockChecker.check, [0.0], [0]
+    real_block = block_check.BlockChecker._check_block
 
     def timed(self, lo, hi, columns=None):
         t0 = time.perf_counter()
         real(self, lo, hi, columns)
         spent[0] += time.perf_counter() - t0
 
-    def epoch(check: bool) -> tuple[float, float, float]:
-        block_check.BlockChecker.check = timed if check else (lambda self, lo, hi, columns=None: None)
-        spent[0] = 0.0
+    def counted(self, b, names):
+        own[0] += 1
+        real_block(self, b, names)
+
+    def helper_cpu() -> float:
+        h = block_ahead._helper
+        if h is None or not h.alive():
+            return 0.0
+        fields = Path(f"/proc/{h.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def epoch(variant: str, pace: float) -> tuple[float, float, float, float, int]:
+        """One first epoch; ``pace`` seconds between steps stand for the training step the loader feeds
+        (the prefetch thread then waits): throughput is tokens per second spent inside ``next_step``.
+        Paced epochs also start as ``pretrain`` does: ``stream.prepare`` hands the helper the first
+        windows, then SETUP seconds (building the model) pass before the first step."""
+        os.environ["COCOMIX_CHECK_AHEAD"] = "1" if variant == "ahead" else "0"
+        block_check.BlockChecker.check = (lambda self, lo, hi, columns=None: None) if variant == "off" else timed
+        block_check.BlockChecker._check_block = counted
+        spent[0], own[0] = 0.0, 0
         try:
             reader = TargetReader.open(folder / "t")
             stream = TrainStream(TargetSource(reader, "train"), context=WINDOW, micro=16,
                                  accum=1, world=1, rank=0, seed=0, offsets=reader.offsets)
-            t0, c0, state = time.perf_counter(), time.process_time(), DataState()
+            h0, busy, cpu, state = helper_cpu(), 0.0, 0.0, DataState()
+            if pace:
+                stream.prepare(state)
+                time.sleep(SETUP)
             for _ in range(steps):
+                t0, c0 = time.perf_counter(), time.process_time()
                 state = stream.next_step(state).state
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            return steps * 16 * WINDOW / seconds, steps * 16 * WINDOW / cpu, spent[0] / seconds
+                busy, cpu = busy + time.perf_counter() - t0, cpu + time.process_time() - c0
+                if pace:
+                    time.sleep(pace)
+            if variant == "ahead":
+                time.sleep(0.05)  # the helper's clock ticks are coarse: let it finish its list before reading them
+            return steps * 16 * WINDOW / busy, steps * 16 * WINDOW / cpu, spent[0] / busy, helper_cpu() - h0, own[0]
         finally:
-            block_check.BlockChecker.check = real
+            block_check.BlockChecker.check, block_check.BlockChecker._check_block = real, real_block
+            os.environ.pop("COCOMIX_CHECK_AHEAD", None)
 
-    epoch(True)  # warm the page cache and imports
-    on, off = [], []
+    epoch("ahead", 0.0)  # start the helper, warm the page cache and imports
+    helper = block_ahead._helper
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    others = sorted(set(range(os.cpu_count() or 1)) - set(cores))
+    if helper is not None and others:
+        os.sched_setaffinity(helper.process.pid, {others[0]})  # the loader's core stays the loader's
+    variants = [(v, p) for p in (0.0, PACE) for v in ("off", "inproc", "ahead")]
+    runs: dict[tuple, list] = {v: [] for v in variants}
     for i in range(rounds):
-        for check in ((False, True) if i % 2 else (True, False)):
-            (on if check else off).append(epoch(check))
-    ratios = [a[0] / b[0] for a, b in zip(on, off)]  # each round's pair
+        for v in variants[i % len(variants):] + variants[:i % len(variants)]:
+            runs[v].append(epoch(*v))
 
-    def med(runs: list, k: int) -> float:
-        return float(np.median([r[k] for r in runs]))
+    def med(v: tuple, k: int) -> float:
+        return float(np.median([r[k] for r in runs[v]]))
 
-    return {"on_tok_s": med(on, 0), "off_tok_s": med(off, 0), "on_cpu": med(on, 1), "off_cpu": med(off, 1),
-            "spread": (float(min(ratios)), float(max(ratios))), "share": med(on, 2), "rounds": rounds, "steps": steps,
-            "crc": "crc32c (hardware)" if block_check._crc32c_pkg is not None else "google-crc32c"}
+    def spread(v: tuple) -> tuple[float, float]:
+        ratios = [a[0] / b[0] for a, b in zip(runs[v], runs[("off", v[1])])]
+        return float(min(ratios)), float(max(ratios))
+
+    out = {"rounds": rounds, "steps": steps, "helper": helper is not None and bool(others), "pace": PACE,
+           "crc": "crc32c (hardware)" if block_check._crc32c_pkg is not None else "google-crc32c"}
+    for v, p in variants:
+        out[v + ("_paced" if p else "")] = {"tok_s": med((v, p), 0), "cpu": med((v, p), 1), "share": med((v, p), 2),
+                                            "helper_cpu": med((v, p), 3), "own_blocks": med((v, p), 4), "spread": spread((v, p))}
+    return out
 
 
 def token_store_layouts(folder: Path, n_tokens: int, n_windows: int, layouts: list[tuple[int, int]]) -> list[dict]:
@@ -212,6 +264,29 @@ def token_store_layouts(folder: Path, n_tokens: int, n_windows: int, layouts: li
     return rows
 
 
+def loader_rows(lo: dict) -> list[str]:
+    def row(what: str, v: str, base: str) -> str:
+        x, o = lo[v], lo[base]
+        return (f"| {what} (per-round ratios {x['spread'][0]:.3f}–{x['spread'][1]:.3f}) | {x['tok_s']:,.0f} | {o['tok_s']:,.0f} | "
+                f"{x['tok_s'] / o['tok_s']:.3f} |")
+
+    core = "on a second core" if lo["helper"] else "(NO second core: it shares the loader's)"
+    blocks = lo["steps"] * 16 * WINDOW // 16384
+    return [
+        row(f"stage-2 loader, first epoch, tokens/s: block CRC32C checks by the loader itself (`COCOMIX_CHECK_AHEAD=0`, one CPU) vs off, "
+            f"{lo['crc']}, medians of {lo['rounds']} rotating runs", "inproc", "off"),
+        row(f"same, checks ahead by the helper process {core} (the default with 2+ CPUs) vs off", "ahead", "off"),
+        row(f"same, the loader as in `pretrain`: paced ({1000 * lo['pace']:.0f} ms per step of {16 * WINDOW:,} tokens left to the step; "
+            f"tokens per second inside the loader), windows handed to the helper {1000 * SETUP:.0f} ms before the first step: "
+            "checks by the loader itself vs off", "inproc_paced", "off_paced"),
+        row(f"same, as in `pretrain`: checks ahead by the helper {core} vs off", "ahead_paced", "off_paced"),
+        f"| same, blocks (of {blocks}) the loader still checked itself with the helper, unpaced / paced; the helper's CPU per epoch "
+        f"| {lo['ahead']['own_blocks']:.0f} / {lo['ahead_paced']['own_blocks']:.0f}; {1000 * lo['ahead']['helper_cpu']:.0f} ms | | |",
+        f"| same, share of the epoch inside the loader's own checks: by itself / with the helper, unpaced | "
+        f"{100 * lo['inproc']['share']:.1f}% / {100 * lo['ahead']['share']:.1f}% | | |",
+    ]
+
+
 def report(args, w: dict, r: dict, z: list[dict]) -> str:
     lines = [
         "# Storage benchmark", "",
@@ -223,9 +298,7 @@ def report(args, w: dict, r: dict, z: list[dict]) -> str:
         f"| restart check of the finished folder (`pending()`), tokens/s (baseline: re-hash every shard) | {w['n'] / w['stamped_s']:,.0f} | {w['n'] / w['rehash_s']:,.0f} | {w['rehash_s'] / w['stamped_s']:.0f} |",
         f"| same, seconds at 9B tokens (extrapolated) | {9e9 * w['stamped_s'] / w['n']:,.1f} | {9e9 * w['rehash_s'] / w['n']:,.0f} | |",
         f"| random {WINDOW}-token windows with labels, tokens/s, one core (baseline: open + read_all per window) | {r['ours_tok_s']:,.0f} | {r['base_tok_s']:,.0f} | {r['ours_tok_s'] / r['base_tok_s']:.1f} |",
-        f"| stage-2 loader, first epoch, tokens/s: block CRC32C checks on (cocomix) vs off, {r['loader']['crc']}, medians of {r['loader']['rounds']} alternating runs (per-round ratios {r['loader']['spread'][0]:.3f}–{r['loader']['spread'][1]:.3f}) | {r['loader']['on_tok_s']:,.0f} | {r['loader']['off_tok_s']:,.0f} | {r['loader']['on_tok_s'] / r['loader']['off_tok_s']:.3f} |",
-        f"| same, tokens per CPU-second of the process | {r['loader']['on_cpu']:,.0f} | {r['loader']['off_cpu']:,.0f} | {r['loader']['on_cpu'] / r['loader']['off_cpu']:.3f} |",
-        f"| same, share of the epoch spent inside the block checks (timed directly) | {100 * r['loader']['share']:.1f}% | | |",
+        *loader_rows(r["loader"]),
         f"| bytes/token on disk (raw columns: {w['raw_bytes'] / w['n']:.0f}) | {w['disk'] / w['n']:.4f} | {w['raw_bytes'] / w['n']:.4f} | +{100 * (w['disk'] / w['raw_bytes'] - 1):.3f}% |",
         "", "Goals: reads >= 2M tokens/s per core; shards <= raw column bytes + 1%; block checks cost <= 5% of the loader.", "",
         "## Token store (Zarr v3, zstd level 3 + checksum): random 1025-token reads, one core", "",

@@ -35,6 +35,7 @@ Legend: B windows in a micro-batch, T tokens per window, K labels per token.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterator, NamedTuple
 
@@ -92,6 +93,7 @@ class WindowOrder:
             )
         self.n_tokens, self.context, self.seed = n_tokens, context, seed
         self.offsets = None if offsets is None else [int(r) for r in offsets]
+        self._starts: OrderedDict[int, np.ndarray] = OrderedDict()  # the last epochs' orders: a 9B-token permutation is ~0.1 s
         if self.offsets is not None and (not self.offsets or max(self.offsets) + context > n_tokens):
             raise CocomixError(f"window offsets {self.offsets} leave no full window of {context} tokens in a split of {n_tokens}")
 
@@ -106,11 +108,18 @@ class WindowOrder:
         return min(r, self.n_tokens - self.context)
 
     def starts(self, epoch: int) -> np.ndarray:
-        """Start token of every window of ``epoch``, in visiting order (int64)."""
+        """Start token of every window of ``epoch``, in visiting order (int64; read-only, cached)."""
+        if epoch in self._starts:
+            return self._starts[epoch]
         r = self.offset(epoch)
         n_windows = (self.n_tokens - r) // self.context
         perm = np.random.default_rng([self.seed, epoch, 1]).permutation(n_windows)
-        return r + perm.astype(np.int64) * self.context
+        starts = r + perm.astype(np.int64) * self.context
+        starts.flags.writeable = False
+        self._starts[epoch] = starts
+        if len(self._starts) > 3:
+            self._starts.popitem(last=False)
+        return starts
 
     def take(self, state: DataState, n: int) -> tuple[np.ndarray, DataState]:
         """The next ``n`` window starts after ``state`` (crossing into later epochs), and the new state."""
@@ -171,6 +180,13 @@ class TargetSource:
                                f"(offsets {self.reader.offsets}); this is a cocomix bug")
         return r
 
+    def check_ahead(self, starts: np.ndarray, context: int) -> bool:
+        """Hand the windows this rank reads next to the reader's check-ahead helper (per label set)."""
+        sets = starts % self.reader.window_length if self.aligned and self.reader.window_length else np.zeros_like(starts)
+        values, first = np.unique(sets, return_index=True)
+        return all([self.reader.check_ahead(self.split_name, self.checked, starts[sets == r], context, int(r))
+                    for r in values[np.argsort(first)]])
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         w = self.reader.window(self.split_name, start, stop, offset=self.label_set(start),
                                check=self.checked)
@@ -203,15 +219,46 @@ class TrainStream:
         self.source, self.context = source, context
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
         self.order = WindowOrder(source.n_tokens, context, seed, offsets)
+        self._check_ahead = getattr(source, "check_ahead", None)  # a helper verifying blocks before we read them
+        self._ahead: DataState | None = None  # where the windows handed to it end ...
+        self._ahead_left = 0  # ... and how many global windows that is beyond the next step
+        self._expected: DataState | None = None
 
     @property
     def global_windows(self) -> int:
         return self.micro * self.accum * self.world
 
     def next_step(self, state: DataState) -> StepBatch:
+        if self._check_ahead is not None:
+            self._feed_ahead(state)
         starts, new_state = self.order.take(state, self.global_windows)
         slices = rank_slices(starts, self.micro, self.world, self.rank)
+        self._expected = new_state
         return StepBatch([collate(self.source, s, self.context) for s in slices], new_state)
+
+    def prepare(self, state: DataState) -> None:
+        """Hand the check-ahead helper the first windows from ``state`` now, so that the time until the
+        first :meth:`next_step` (building the model, loading a checkpoint) is its head start."""
+        if self._check_ahead is not None:
+            self._feed_ahead(state)
+            self._expected = state  # next_step(state) then continues this chunk instead of starting over
+
+    def _feed_ahead(self, state: DataState) -> None:
+        """Keep the check-ahead helper about CHUNK_WINDOWS windows ahead of this rank's reads."""
+        from cocomix.storage.block_ahead import CHUNK_WINDOWS
+
+        if state != self._expected:  # the first step, or a jump: start over from here
+            self._ahead, self._ahead_left = state, 0
+        else:
+            self._ahead_left -= self.global_windows
+        if self._ahead_left > CHUNK_WINDOWS // 2:
+            return
+        g = self.global_windows
+        n = max(1, -(-CHUNK_WINDOWS // g)) * g
+        starts, self._ahead = self.order.take(self._ahead, n)
+        self._ahead_left += n
+        if not self._check_ahead(starts[self.rank::self.world], self.context):
+            self._check_ahead = None
 
     def steps(self, state: DataState) -> Iterator[StepBatch]:
         while True:

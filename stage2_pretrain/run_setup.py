@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from cocomix.core.errors import ConfigError, IntegrityError, MismatchError
+from cocomix.core.errors import CocomixError, ConfigError, IntegrityError, MismatchError
 from cocomix.core.workspace import run_dir, workspace_root
 from cocomix.stage2_pretrain import checkpoint as ckpt_io
 from cocomix.stage2_pretrain import rundir
@@ -234,6 +234,14 @@ def make_stream(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, inputs: Tr
                        rank=rank, seed=cfg.seed, offsets=inputs.targets.offsets if aligned else None)
 
 
+def start_checking_ahead(stream: TrainStream, ckpt: Path | None) -> None:
+    """Hand the first windows the run will read to the block check-ahead helper (when it has one)."""
+    try:
+        stream.prepare(ckpt_io.read_trainer_state(ckpt).data if ckpt else DataState())
+    except (OSError, ValueError, KeyError, TypeError, CocomixError):
+        return  # the resume checks below say what is wrong (a damaged checkpoint, flags that changed)
+
+
 def run_record(cfg: PretrainConfig, spec: MethodSpec, plan: RunPlan, model, inputs: TrainInputs,
                match: WidthMatch | None) -> dict:
     counts = count_params(model)
@@ -271,6 +279,8 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     ckpt, model = resume_point(out, inputs, cfg.lam) if cfg.resume else (None, None)
     if cfg.resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", out)
+    stream = make_stream(cfg, spec, plan, inputs, acc.process_index)
+    start_checking_ahead(stream, ckpt)  # the rest of the set-up is the check-ahead helper's head start
     model = model or new_model(cfg, spec, match, inputs)
     prepare_for_accelerate(model)
     record = run_record(cfg, spec, plan, model, inputs, None if ckpt else match)
@@ -286,7 +296,7 @@ def setup(cfg: PretrainConfig) -> tuple[Run, ckpt_io.TrainerState]:
     if acc.is_main_process:
         truncate_metrics(out, state.step)
     start_trackers(acc, cfg.tracker, plan)
-    run = Run(cfg, spec, plan, out, acc, model, optimizer, scheduler, make_stream(cfg, spec, plan, inputs, acc.process_index),
+    run = Run(cfg, spec, plan, out, acc, model, optimizer, scheduler, stream,
               inputs, inputs.store.load_tokenizer(), RunLog(acc, out, plan.max_steps, cfg.log_every), record,
               val_split(inputs.store, cfg.eval_every))
     return run, state

@@ -83,7 +83,8 @@ class BlockChecker:
     """
 
     def __init__(self, where: str, columns: dict[str, np.ndarray], expected: dict | None,
-                 validate: Callable[[str, np.ndarray], None] | None = None, state: dict | None = None) -> None:
+                 validate: Callable[[str, np.ndarray], None] | None = None, state: dict | None = None,
+                 shared: tuple[tuple[str, ...], memoryview] | None = None) -> None:
         columns = {name: np.ascontiguousarray(arr) for name, arr in columns.items()}  # mapped columns already are: no copy
         self.where, self.columns, self.expected, self.validate = where, columns, expected, validate
         self.block_rows = int(expected["rows_per_block"]) if expected else BLOCK_ROWS
@@ -93,9 +94,27 @@ class BlockChecker:
         state = {} if state is None else state
         #: per column, blocks checked by this process
         self.verified: dict[str, bytearray] = state.setdefault("verified", {name: bytearray(self.n_blocks) for name in columns})
-        self._done_for: dict[tuple[str, ...] | None, bytearray] = state.setdefault("done_for", {})
+        self._done_for: dict[tuple[str, ...] | None, bytearray | memoryview] = state.setdefault("done_for", {})
+        self._share(shared)
         if expected is not None:
             self._check_record(n)
+
+    def _share(self, shared: tuple[tuple[str, ...], memoryview] | None) -> None:
+        """``shared``: (a column selection, its per-block flags shared with a check-ahead helper, see
+        :mod:`.block_ahead`), which then stand for that selection (flags this process set before are
+        copied in). Without it, flags an earlier mapping shared are dropped: they described that file."""
+        for cols, done in list(self._done_for.items()):
+            if isinstance(done, memoryview) and (shared is None or cols != shared[0]):
+                del self._done_for[cols]
+        if shared is None:
+            return
+        cols, flags = shared
+        prior = self._done_for.get(cols)
+        if prior is not None and not isinstance(prior, memoryview):
+            for b, done in enumerate(prior):
+                if done:
+                    flags[b] = 1
+        self._done_for[cols] = flags
 
     def _check_record(self, n: int) -> None:
         blocks = -(-n // self.block_rows)

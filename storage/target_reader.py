@@ -8,6 +8,7 @@ import bisect
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cocomix.core.errors import CocomixError, IntegrityError, MismatchError
-from cocomix.storage import block_check
+from cocomix.storage import block_ahead, block_check
 from cocomix.storage.files import sha256_file
 from cocomix.storage.target_offsets import folder_offsets
 from cocomix.storage.target_schema import (
@@ -122,6 +123,7 @@ class TargetReader:
         self._open_lock = threading.Lock()  # the prefetch thread and the main thread (validation) may map shards at once
         self._block_state: dict[str, dict] = {}  #: per shard, the blocks this process verified (kept when it is unmapped)
         self._checked: set[str] = set()
+        self._ahead: dict[str, block_ahead.SplitFlags | None] = {}  #: per split: flags shared with the check-ahead helper
 
     @classmethod
     def open(cls, path, verify: bool = False) -> "TargetReader":
@@ -195,9 +197,53 @@ class TargetReader:
             block_check.notice_missing(str(self.path))
         blocks = block_check.BlockChecker(where, block_check.column_rows(batch), entry.get(block_check.KEY),
                                           block_check.label_range_check(where, self.n_latents, self.ignore_id),
-                                          self._block_state.setdefault(entry["path"], {}))
+                                          self._block_state.setdefault(entry["path"], {}), self._shared_flags(entry, file))
         return _Shard(entry["start"], entry["end"], *shard_column_views(batch, self.k_attr),
                       extra_column_views(batch, self.extra_columns), blocks)
+
+    def _shared_flags(self, entry: dict, file: Path):
+        """(columns, flags) shared with the check-ahead helper for this shard, when it has them for this very file."""
+        flags = self._ahead.get(entry["split"])
+        if flags is None:
+            return None
+        view = flags.view(entry["path"], block_ahead.file_identity(file))
+        return None if view is None else (flags.columns, view)
+
+    def check_ahead(self, split: str, columns: tuple[str, ...], starts: np.ndarray, context: int, offset: int = 0) -> bool:
+        """Hand windows ``[s, s + context)`` that the loader will read next (of the label set of
+        ``offset``) to the check-ahead helper (:mod:`.block_ahead`), which verifies their blocks of
+        ``columns`` on another core before the loader gets there. False when there is no helper for
+        this split (too small, switched off, one CPU, no block checksums): the loader checks alone."""
+        if split not in self._ahead:
+            self._ahead[split] = self._start_ahead(split, tuple(columns))
+        flags = self._ahead[split]
+        if flags is None or flags.columns != tuple(columns):
+            return False
+        if offset in flags.sets:
+            helper = block_ahead.helper()
+            if helper is None:
+                return False
+            helper.send(("check", flags.memory.name, offset, np.asarray(starts, np.int64), int(context)))
+        return True
+
+    def _start_ahead(self, split: str, columns: tuple[str, ...]) -> block_ahead.SplitFlags | None:
+        if not block_ahead.enabled():
+            return None
+        n_blocks = sum(-(-int(e["rows"]) // int((e.get(block_check.KEY) or {}).get("rows_per_block") or block_check.BLOCK_ROWS))
+                       for r in self.offsets for e in self._by_set[(split, r)])
+        helper = block_ahead.helper() if n_blocks >= block_ahead.MIN_BLOCKS else None
+        if helper is None:
+            return None
+        flags = block_ahead.SplitFlags(self, split, columns)
+        if not flags.sets:
+            flags.release()
+            return None
+        helper.send(flags.message)
+        weakref.finalize(self, _release_ahead, helper, flags)
+        with self._open_lock:  # shards mapped before now get their shared flags when mapped again
+            for path in flags.shards:
+                self._open.pop(path, None)
+        return flags
 
     def window(self, split: str, start: int, stop: int, offset: int = 0, check: tuple[str, ...] | None = None) -> TargetWindow:
         """Rows ``[start, stop)`` (stop clipped to the split) of the label set of window ``offset``;
@@ -240,3 +286,9 @@ class TargetReader:
         for what, mine, theirs in pairs:
             if mine is not None and theirs is not None and mine != theirs:
                 raise MismatchError(f"targets {self.path} were made with {what} {mine}, the token store has {theirs}; pass the token store the targets were extracted from")
+
+
+def _release_ahead(helper, flags) -> None:
+    """A reader is gone: the helper drops its view of the flags, and the shared memory is unlinked."""
+    helper.send(("release", flags.memory.name))
+    flags.release()

@@ -294,3 +294,25 @@ def test_free_label_windows_ablation_trains_and_records_itself(tmp_path, token_s
     free = pretrain(tmp_path / "f", token_store, two, max_steps=2, eval_every=0, save_every=0, label_windows="free")
     assert json.loads((free.out / "run.json").read_text())["config"]["label_windows"] == "free"
     assert json.loads((aligned.out / "run.json").read_text())["config"]["label_windows"] == "aligned"
+
+
+def test_the_block_check_ahead_helper_changes_nothing_a_run_computes(tmp_path, token_store, targets_dir, monkeypatch):
+    """With the helper forced on (the tiny folder is below its size floor otherwise) a run reads, checks and
+    trains on exactly what it does without: same losses, same weights."""
+    from cocomix.storage import block_ahead
+    from cocomix.storage import target_reader as reader_mod
+
+    started = []
+    real = reader_mod.TargetReader._start_ahead
+    monkeypatch.setattr(reader_mod.TargetReader, "_start_ahead", lambda self, *a: started.append(real(self, *a)) or started[-1])
+    monkeypatch.setattr(block_ahead, "MIN_BLOCKS", 0)
+    monkeypatch.setenv("COCOMIX_CHECK_AHEAD", "1")
+    a = pretrain(tmp_path / "a", token_store, targets_dir, save_every=0, eval_every=0)
+    assert started and started[0] is not None and started[0].n_flags > 0  # the helper served this run
+    monkeypatch.setenv("COCOMIX_CHECK_AHEAD", "0")
+    b = pretrain(tmp_path / "b", token_store, targets_dir, save_every=0, eval_every=0)
+    assert [r["loss"] for r in records(a.out)] == [r["loss"] for r in records(b.out)]
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(x.final / "model.safetensors") for x in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
