@@ -181,7 +181,10 @@ class TargetSource:
         return r
 
     def check_ahead(self, starts: np.ndarray, context: int) -> bool:
-        """Hand the windows this rank reads next to the reader's check-ahead helper (per label set)."""
+        """Hand the windows this rank reads next to the reader's check-ahead helper (per label set);
+        False when the reader has none for this split."""
+        if not self.reader.check_ahead(self.split_name, self.checked, np.zeros(0, np.int64), context):
+            return False
         sets = starts % self.reader.window_length if self.aligned and self.reader.window_length else np.zeros_like(starts)
         values, first = np.unique(sets, return_index=True)
         return all([self.reader.check_ahead(self.split_name, self.checked, starts[sets == r], context, int(r))
@@ -251,14 +254,16 @@ class TrainStream:
             self._ahead, self._ahead_left = state, 0
         else:
             self._ahead_left -= self.global_windows
-        if self._ahead_left > CHUNK_WINDOWS // 2:
-            return
         g = self.global_windows
-        n = max(1, -(-CHUNK_WINDOWS // g)) * g
-        starts, self._ahead = self.order.take(self._ahead, n)
-        self._ahead_left += n
+        epoch = (self.order.n_tokens - self.order.offset(self._ahead.epoch)) // self.context
+        n = max(1, -(-min(CHUNK_WINDOWS, epoch) // g)) * g  # at most about an epoch at a time (small splits)
+        if self._ahead_left > n // 2:
+            return
+        starts, ahead = self.order.take(self._ahead, n)
         if not self._check_ahead(starts[self.rank::self.world], self.context):
-            self._check_ahead = None
+            self._check_ahead = None  # no helper for this source: nothing more to hand on
+            return
+        self._ahead, self._ahead_left = ahead, self._ahead_left + n
 
     def steps(self, state: DataState) -> Iterator[StepBatch]:
         while True:

@@ -219,7 +219,7 @@ class TargetReader:
         flags = self._ahead[split]
         if flags is None or flags.columns != tuple(columns):
             return False
-        if offset in flags.sets:
+        if offset in flags.sets and len(starts):
             helper = block_ahead.helper()
             if helper is None:
                 return False

@@ -256,3 +256,44 @@ def test_targets_on_other_windows_or_unservable_offsets_are_refused(tmp_path, to
     with pytest.raises(MismatchError, match=r"offsets \[100\].*--label-windows free"):
         check_label_windows(tiny, tmp_path, 128, "tiny", "aligned")
     check_label_windows(tiny, tmp_path, 128, "tiny", "free")
+
+
+class _AheadSource:
+    """A source that records what the stream hands its check-ahead helper and what it reads."""
+
+    def __init__(self, n_tokens: int):
+        self.n_tokens, self.handed, self.read_starts = n_tokens, [], []
+
+    def check_ahead(self, starts, context):
+        self.handed.append(np.array(starts))
+        return True
+
+    def read(self, start, stop):
+        self.read_starts.append(start)
+        return np.zeros(stop - start, np.uint16), {}
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 1)])
+def test_check_ahead_is_handed_exactly_the_windows_this_rank_reads_next_and_before_it_reads_them(world, rank, monkeypatch):
+    from cocomix.storage import block_ahead
+
+    monkeypatch.setattr(block_ahead, "CHUNK_WINDOWS", 40)
+    source = _AheadSource(64 * 100 + 17)
+    stream = _stream(source, context=64, world=world, rank=rank)
+    state = DataState()
+    stream.prepare(state)
+    handed_before = []
+    for _ in range(60):  # several epochs
+        handed_before.append(sum(len(h) for h in source.handed))
+        state = stream.next_step(state).state
+    handed = np.concatenate(source.handed)
+    read = np.array(source.read_starts)
+    assert np.array_equal(handed[:len(read)], read)  # the helper's list is this rank's reading order
+    per_step = 2 * 2  # micro x accum windows of this rank per step
+    assert all(before >= (i + 1) * per_step for i, before in enumerate(handed_before))  # handed before read
+    assert len(handed) - len(read) <= 2 * 40  # and never far ahead
+    # a jump (a resume elsewhere) starts the list over from the new state
+    jump = DataState(5, 8, stream.order.offset(5))
+    source.handed.clear(), source.read_starts.clear()
+    stream.next_step(jump)
+    assert np.array_equal(np.concatenate(source.handed)[:len(source.read_starts)], source.read_starts)
