@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from cocomix.core.errors import CocomixError
+from cocomix.storage import block_ahead
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,21 @@ class WindowOrder:
         self.n_tokens, self.context, self.seed = n_tokens, context, seed
         self.offsets = None if offsets is None else [int(r) for r in offsets]
         self._starts: OrderedDict[int, np.ndarray] = OrderedDict()  # the last epochs' orders: a 9B-token permutation is ~0.1 s
+        self._offset: dict[int, int] = {}  # epoch -> offset (a generator per lookup would cost ~30 us a step)
         if self.offsets is not None and (not self.offsets or max(self.offsets) + context > n_tokens):
             raise CocomixError(f"window offsets {self.offsets} leave no full window of {context} tokens in a split of {n_tokens}")
 
     def offset(self, epoch: int) -> int:
         """The epoch's offset: from the label sets (a seeded permutation per len(offsets) epochs,
         so consecutive epochs get new ones), or free in [0, T] capped so that one window fits."""
+        if epoch in self._offset:
+            return self._offset[epoch]
+        if len(self._offset) > 64:
+            self._offset.clear()
+        self._offset[epoch] = r = self._draw_offset(epoch)
+        return r
+
+    def _draw_offset(self, epoch: int) -> int:
         if self.offsets is not None:
             cycle, k = divmod(epoch, len(self.offsets))
             perm = np.random.default_rng([self.seed, cycle, 2]).permutation(len(self.offsets))
@@ -190,6 +200,10 @@ class TargetSource:
         return all([self.reader.check_ahead(self.split_name, self.checked, starts[sets == r], context, int(r))
                     for r in values[np.argsort(first)]])
 
+    def ahead_verified(self, start: int) -> bool:
+        """Whether every block of the label set a window starting at ``start`` reads is verified already."""
+        return self.reader.ahead_verified(self.split_name, self.label_set(start))
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         w = self.reader.window(self.split_name, start, stop, offset=self.label_set(start),
                                check=self.checked)
@@ -225,6 +239,7 @@ class TrainStream:
         self._check_ahead = getattr(source, "check_ahead", None)  # a helper verifying blocks before we read them
         self._ahead: DataState | None = None  # where the windows handed to it end ...
         self._ahead_left = 0  # ... and how many global windows that is beyond the next step
+        self._ahead_chunk = 0  # windows handed on last time (the next chunk goes when half of it is left)
         self._expected: DataState | None = None
 
     @property
@@ -248,22 +263,27 @@ class TrainStream:
 
     def _feed_ahead(self, state: DataState) -> None:
         """Keep the check-ahead helper about CHUNK_WINDOWS windows ahead of this rank's reads."""
-        from cocomix.storage.block_ahead import CHUNK_WINDOWS
-
-        if state != self._expected:  # the first step, or a jump: start over from here
-            self._ahead, self._ahead_left = state, 0
+        if state is not self._expected and state != self._expected:  # the first step, or a jump: start over from here
+            self._ahead, self._ahead_left, self._ahead_chunk = state, 0, 0
         else:
             self._ahead_left -= self.global_windows
-        g = self.global_windows
-        epoch = (self.order.n_tokens - self.order.offset(self._ahead.epoch)) // self.context
-        n = max(1, -(-min(CHUNK_WINDOWS, epoch) // g)) * g  # at most about an epoch at a time (small splits)
-        if self._ahead_left > n // 2:
+        while self._ahead_left <= self._ahead_chunk // 2:
+            at, r = self._ahead, self.order.offset(self._ahead.epoch)
+            epoch = (self.order.n_tokens - r) // self.context
+            if not self.source.ahead_verified(r):
+                break
+            # every block of this epoch's label set is verified: nothing of the epoch to hand on
+            self._ahead_left += epoch - at.position
+            self._ahead = DataState(at.epoch + 1, 0, self.order.offset(at.epoch + 1))
+        else:
             return
+        g = self.global_windows
+        n = max(1, -(-min(block_ahead.CHUNK_WINDOWS, epoch) // g)) * g  # at most about an epoch at a time (small splits)
         starts, ahead = self.order.take(self._ahead, n)
         if not self._check_ahead(starts[self.rank::self.world], self.context):
             self._check_ahead = None  # no helper for this source: nothing more to hand on
             return
-        self._ahead, self._ahead_left = ahead, self._ahead_left + n
+        self._ahead, self._ahead_left, self._ahead_chunk = ahead, self._ahead_left + n, n
 
     def steps(self, state: DataState) -> Iterator[StepBatch]:
         while True:

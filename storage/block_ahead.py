@@ -128,20 +128,23 @@ class SplitFlags:
         self.shards: dict[str, tuple[int, int]] = {}  #: path -> (its first flag, its blocks)
         table = {}
         total = 0
+        self.complete: dict[int, int] = {}  #: set -> the flag the helper raises once every block of the set is verified
         for r in reader.offsets:
             entries = reader._by_set[(split, r)]
             lay = layout(entries, total)
             if lay is None:
                 continue
             self.sets[r] = lay
-            table[r] = (lay, [(e["path"], e["rows"], e[block_check.KEY]) for e in entries])
+            table[r] = [lay, [(e["path"], e["rows"], e[block_check.KEY]) for e in entries], None]
             for e, b in zip(entries, lay.base):
                 n = -(-int(e["rows"]) // lay.block_rows)
                 self.shards[e["path"]] = (total + int(b), n)
             total += lay.n_blocks
         self.n_flags = total
-        self.memory = _Memory(create=True, size=max(total, 1))
-        self.memory.buf[:total] = bytes(total)
+        for r in table:  # after the block flags: one "whole set verified" flag per set
+            self.complete[r] = table[r][2] = total + len(self.complete)
+        self.memory = _Memory(create=True, size=max(total + len(self.complete), 1))
+        self.memory.buf[:total + len(self.complete)] = bytes(total + len(self.complete))
         self.identities: dict[str, tuple] = {}
         for path in self.shards:
             try:
@@ -150,6 +153,10 @@ class SplitFlags:
                 pass  # the reader refuses the missing shard when it gets there
         self.message = ("register", self.memory.name, str(reader.path), columns, reader.n_latents, reader.ignore_id,
                         table, self.identities)
+
+    def set_verified(self, r: int) -> bool:
+        """Whether the helper has verified every block of set ``r`` (then nothing of it needs handing on)."""
+        return r in self.complete and self.memory.buf[self.complete[r]] == 1
 
     def view(self, path: str, identity: tuple):
         """The flags of shard ``path`` (a writable memoryview) when the file the reader mapped is the one
@@ -168,11 +175,13 @@ class SplitFlags:
 
 
 class Helper:
-    """The check-ahead helper process of this process (see :func:`helper`) and the thread that feeds it.
+    """The check-ahead helper process of this process (see :func:`helper`).
 
     A plain ``python -c`` child (not ``multiprocessing``, which re-runs the parent's main script and
     fails for ``python -`` or notebooks) reading pickled messages on its stdin, a pipe whose only
-    write end this process holds: when this process ends, however, the helper reads EOF and exits."""
+    write end this process holds: when this process ends, however, the helper reads EOF and exits.
+    A message goes straight into the pipe when it fits (no thread hand-off on the loader's path);
+    what does not fit, and everything after it, is written by a feeder thread, in order."""
 
     def __init__(self) -> None:
         import subprocess
@@ -180,26 +189,55 @@ class Helper:
 
         self.process = subprocess.Popen([sys.executable, "-c", "from cocomix.storage.block_ahead import serve; serve()"],
                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._fd = self.process.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self._lock = threading.Lock()
+        self._backlog: queue.SimpleQueue = queue.SimpleQueue()  #: bytes the feeder writes, in order
+        self._queued = 0  #: chunks in the backlog not yet written (messages wait behind them)
+        self._broken = False
         threading.Thread(target=self._feed, daemon=True, name="cocomix-block-check-feed").start()
 
     def send(self, message) -> None:
-        self._outbox.put(message)
-
-    def _feed(self) -> None:
         import pickle
 
+        data = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        with self._lock:
+            if self._broken:
+                return
+            if not self._queued:
+                try:
+                    data = data[os.write(self._fd, data):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._broken = True
+                    return
+            if len(data):
+                self._queued += 1
+                self._backlog.put(data)
+
+    def _feed(self) -> None:
+        import select
+
         while True:
-            message = self._outbox.get()
+            data = self._backlog.get()
             try:
-                pickle.dump(message, self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self.process.stdin.flush()
+                while len(data):
+                    select.select([], [self._fd], [])
+                    try:
+                        data = data[os.write(self._fd, data):]
+                    except BlockingIOError:
+                        continue
             except (OSError, ValueError):
                 log.debug("the check-ahead helper is gone; the loader checks every block itself")
+                with self._lock:
+                    self._broken = True
                 return
+            with self._lock:
+                self._queued -= 1
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._broken and self.process.poll() is None
 
 
 _helper: Helper | None = None
@@ -255,7 +293,7 @@ class _Registered:
         return checker
 
     def run(self, r: int, starts: np.ndarray, context: int, parent: int) -> None:
-        lay, shards = self.table[r]
+        lay, shards, complete = self.table[r]
         for count, g in enumerate(first_touch(lay, starts, context).tolist()):
             if count % 256 == 0 and os.getppid() != parent:
                 raise SystemExit(0)
@@ -272,6 +310,8 @@ class _Registered:
             except Exception:  # noqa: BLE001 - left unmarked: the loader checks it and raises the error itself
                 continue
             self.flags[lay.flag_base + g] = 1
+        if self.flags[lay.flag_base:lay.flag_base + lay.n_blocks].all():
+            self.flags[complete] = 1
 
 
 def _attach(name: str) -> _Memory:

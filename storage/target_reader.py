@@ -226,6 +226,11 @@ class TargetReader:
             helper.send(("check", flags.memory.name, offset, np.asarray(starts, np.int64), int(context)))
         return True
 
+    def ahead_verified(self, split: str, offset: int) -> bool:
+        """Whether the check-ahead helper has verified every block of the label set of ``offset``."""
+        flags = self._ahead.get(split)
+        return flags is not None and flags.set_verified(offset)
+
     def _start_ahead(self, split: str, columns: tuple[str, ...]) -> block_ahead.SplitFlags | None:
         if not block_ahead.enabled():
             return None

@@ -268,6 +268,9 @@ class _AheadSource:
         self.handed.append(np.array(starts))
         return True
 
+    def ahead_verified(self, start):
+        return False
+
     def read(self, start, stop):
         self.read_starts.append(start)
         return np.zeros(stop - start, np.uint16), {}
@@ -297,3 +300,16 @@ def test_check_ahead_is_handed_exactly_the_windows_this_rank_reads_next_and_befo
     source.handed.clear(), source.read_starts.clear()
     stream.next_step(jump)
     assert np.array_equal(np.concatenate(source.handed)[:len(source.read_starts)], source.read_starts)
+
+
+def test_check_ahead_skips_epochs_whose_label_set_is_verified_already(monkeypatch):
+    from cocomix.storage import block_ahead
+
+    monkeypatch.setattr(block_ahead, "CHUNK_WINDOWS", 40)
+    source = _AheadSource(64 * 100 + 17)
+    source.ahead_verified = lambda start: True  # e.g. the first epoch verified every block of the only set
+    stream = _stream(source, context=64)
+    state = DataState()
+    for _ in range(60):
+        state = stream.next_step(state).state
+    assert source.handed == [] and len(source.read_starts) == 240
