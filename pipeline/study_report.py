@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -215,7 +216,10 @@ def plot_curves(summaries: list[MethodSummary], baseline: str, path: Path, title
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     low, high = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(plain if high / low < 10 else FuncFormatter(lambda v, _: ""))  # within a decade: label minor ticks
+    def some(v, _):  # over more than a decade: label the 2s, 3s and 5s (200, 300, 500) besides the powers of ten
+        lead = v / 10 ** math.floor(math.log10(v)) if v > 0 else 0
+        return f"{v:g}" if round(lead) in (2, 3, 5) else ""
+    ax.yaxis.set_minor_formatter(plain if high / low < 10 else FuncFormatter(some))  # within a decade: every minor tick
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity (log scale)")
