@@ -239,7 +239,11 @@ class TargetReader:
         helper = block_ahead.helper() if n_blocks >= block_ahead.MIN_BLOCKS else None
         if helper is None:
             return None
-        flags = block_ahead.SplitFlags(self, split, columns)
+        try:
+            flags = block_ahead.SplitFlags(self, split, columns)
+        except OSError as err:  # no shared memory here (e.g. no /dev/shm): the loader checks alone
+            log.debug("no check-ahead for %s (%s)", self.path, err)
+            return None
         if not flags.sets:
             flags.release()
             return None

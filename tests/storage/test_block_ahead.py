@@ -206,3 +206,13 @@ def test_the_helper_leaves_with_its_parent_and_leaks_nothing(folder):
             assert done.returncode == 0, done.stderr
             assert "leaked" not in done.stderr and "Traceback" not in done.stderr, done.stderr
             assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+def test_no_shared_memory_means_the_loader_checks_alone(folder, ahead_on, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device: '/dev/shm'")
+
+    monkeypatch.setattr(block_ahead, "_Memory", refuse)
+    reader = TargetReader.open(folder)
+    assert not reader.check_ahead("train", ("token", "concept_ids"), np.arange(0, N_TOKENS, WINDOW), WINDOW)
+    assert len(reader.window("train", 0, WINDOW, check=("token", "concept_ids")).tokens) == WINDOW
