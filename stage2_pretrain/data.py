@@ -193,7 +193,7 @@ class TargetSource:
     def check_ahead(self, starts: np.ndarray, context: int) -> bool:
         """Hand the windows this rank reads next to the reader's check-ahead helper (per label set);
         False when the reader has none for this split."""
-        if not self.reader.check_ahead(self.split_name, self.checked, np.zeros(0, np.int64), context):
+        if not self.reader.can_check_ahead(self.split_name, self.checked):
             return False
         sets = starts % self.reader.window_length if self.aligned and self.reader.window_length else np.zeros_like(starts)
         values, first = np.unique(sets, return_index=True)
@@ -262,28 +262,27 @@ class TrainStream:
             self._expected = state  # next_step(state) then continues this chunk instead of starting over
 
     def _feed_ahead(self, state: DataState) -> None:
-        """Keep the check-ahead helper about CHUNK_WINDOWS windows ahead of this rank's reads."""
+        """Keep the check-ahead helper about CHUNK_WINDOWS windows ahead of this rank's reads: when half
+        of what it was handed is read, hand it the next chunk (skipping epochs whose label set it has
+        verified whole)."""
         if state is not self._expected and state != self._expected:  # the first step, or a jump: start over from here
             self._ahead, self._ahead_left, self._ahead_chunk = state, 0, 0
         else:
             self._ahead_left -= self.global_windows
-        while self._ahead_left <= self._ahead_chunk // 2:
-            at, r = self._ahead, self.order.offset(self._ahead.epoch)
-            epoch = (self.order.n_tokens - r) // self.context
-            if not self.source.ahead_verified(r):
-                break
-            # every block of this epoch's label set is verified: nothing of the epoch to hand on
-            self._ahead_left += epoch - at.position
-            self._ahead = DataState(at.epoch + 1, 0, self.order.offset(at.epoch + 1))
-        else:
-            return
-        g = self.global_windows
-        n = max(1, -(-min(block_ahead.CHUNK_WINDOWS, epoch) // g)) * g  # at most about an epoch at a time (small splits)
-        starts, ahead = self.order.take(self._ahead, n)
-        if not self._check_ahead(starts[self.rank::self.world], self.context):
-            self._check_ahead = None  # no helper for this source: nothing more to hand on
-            return
-        self._ahead, self._ahead_left, self._ahead_chunk = ahead, self._ahead_left + n, n
+        while self._check_ahead is not None and self._ahead_left <= self._ahead_chunk // 2:
+            at = self._ahead
+            r = self.order.offset(at.epoch)
+            epoch_windows = (self.order.n_tokens - r) // self.context
+            if self.source.ahead_verified(r):  # nothing of this epoch to hand on
+                self._ahead_left += epoch_windows - at.position
+                self._ahead = DataState(at.epoch + 1, 0, self.order.offset(at.epoch + 1))
+                continue
+            g = self.global_windows
+            n = max(1, -(-min(block_ahead.CHUNK_WINDOWS, epoch_windows) // g)) * g  # about an epoch at most (small splits)
+            starts, self._ahead = self.order.take(at, n)
+            self._ahead_left, self._ahead_chunk = self._ahead_left + n, n
+            if not self._check_ahead(starts[self.rank::self.world], self.context):
+                self._check_ahead = None  # no helper for this source: nothing more to hand on
 
     def steps(self, state: DataState) -> Iterator[StepBatch]:
         while True:

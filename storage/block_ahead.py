@@ -101,6 +101,12 @@ def layout(entries: list[dict], flag_base: int) -> SetLayout | None:
     return SetLayout(flag_base, starts, ends, base, block_rows)
 
 
+def total_blocks(sets: dict[int, list[dict]]) -> int:
+    """Blocks of the sets (offset -> sorted shard entries) a helper could check (those with block checksums)."""
+    layouts = (layout(entries, 0) for entries in sets.values())
+    return sum(lay.n_blocks for lay in layouts if lay is not None)
+
+
 def first_touch(lay: SetLayout, starts: np.ndarray, context: int) -> np.ndarray:
     """Block ids (within the set) that windows ``[s, s + context)`` touch, in the order the windows
     first touch them, each once."""

@@ -209,16 +209,23 @@ class TargetReader:
         view = flags.view(entry["path"], block_ahead.file_identity(file))
         return None if view is None else (flags.columns, view)
 
-    def check_ahead(self, split: str, columns: tuple[str, ...], starts: np.ndarray, context: int, offset: int = 0) -> bool:
-        """Hand windows ``[s, s + context)`` that the loader will read next (of the label set of
-        ``offset``) to the check-ahead helper (:mod:`.block_ahead`), which verifies their blocks of
-        ``columns`` on another core before the loader gets there. False when there is no helper for
-        this split (too small, switched off, one CPU, no block checksums): the loader checks alone."""
+    def can_check_ahead(self, split: str, columns: tuple[str, ...]) -> bool:
+        """Whether a check-ahead helper (:mod:`.block_ahead`) verifies the blocks of ``columns`` of
+        ``split`` for this process (started on the first call). False when the split is too small,
+        the helper is switched off or cannot run (one CPU, no shared memory), or the folder has no
+        block checksums: the loader then checks every block itself."""
         if split not in self._ahead:
             self._ahead[split] = self._start_ahead(split, tuple(columns))
         flags = self._ahead[split]
-        if flags is None or flags.columns != tuple(columns):
+        return flags is not None and flags.columns == tuple(columns)
+
+    def check_ahead(self, split: str, columns: tuple[str, ...], starts: np.ndarray, context: int, offset: int = 0) -> bool:
+        """Hand windows ``[s, s + context)`` that the loader will read next (of the label set of
+        ``offset``) to the check-ahead helper, which verifies their blocks of ``columns`` on another
+        core before the loader gets there. False when there is none (see :meth:`can_check_ahead`)."""
+        if not self.can_check_ahead(split, columns):
             return False
+        flags = self._ahead[split]
         if offset in flags.sets and len(starts):
             helper = block_ahead.helper()
             if helper is None:
@@ -232,20 +239,16 @@ class TargetReader:
         return flags is not None and flags.set_verified(offset)
 
     def _start_ahead(self, split: str, columns: tuple[str, ...]) -> block_ahead.SplitFlags | None:
-        if not block_ahead.enabled():
+        sets = {r: self._by_set[(split, r)] for r in self.offsets}
+        if not block_ahead.enabled() or block_ahead.total_blocks(sets) < max(block_ahead.MIN_BLOCKS, 1):
             return None
-        n_blocks = sum(-(-int(e["rows"]) // int((e.get(block_check.KEY) or {}).get("rows_per_block") or block_check.BLOCK_ROWS))
-                       for r in self.offsets for e in self._by_set[(split, r)])
-        helper = block_ahead.helper() if n_blocks >= block_ahead.MIN_BLOCKS else None
+        helper = block_ahead.helper()
         if helper is None:
             return None
         try:
             flags = block_ahead.SplitFlags(self, split, columns)
         except OSError as err:  # no shared memory here (e.g. no /dev/shm): the loader checks alone
             log.debug("no check-ahead for %s (%s)", self.path, err)
-            return None
-        if not flags.sets:
-            flags.release()
             return None
         helper.send(flags.message)
         weakref.finalize(self, _release_ahead, helper, flags)

@@ -79,6 +79,23 @@ def make_targets():
     return write_targets
 
 
+@pytest.fixture
+def nan_loss_at_call(monkeypatch):
+    """``nan_loss_at_call(n)``: the n-th forward-backward of the trainer returns a NaN next-token loss."""
+    from cocomix.stage2_pretrain import train as train_mod
+
+    def install(n: int) -> None:
+        real, calls = train_mod.forward_backward, []
+
+        def poisoned(run, batch):
+            parts = real(run, batch)
+            calls.append(1)
+            return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == n else parts
+
+        monkeypatch.setattr(train_mod, "forward_backward", poisoned)
+    return install
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny shapes gain nothing from threads, and on a shared 2-core machine OpenMP threads that

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from catalogue import assert_one_line_error, corrupt, plant_pickle, run_cli
 
-from cocomix.stage2_pretrain import train as train_mod
 
 BASE = ["--size", "tiny", "--batch-tokens", "512", "--eval-every", "0", "--log-every", "1"]
 
@@ -124,15 +123,8 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
 
 
-def test_non_finite_loss_advice_is_a_command_that_works(tmp_path, token_store, monkeypatch):
-    real, calls = train_mod.forward_backward, []
-
-    def poisoned(run, batch):
-        parts = real(run, batch)
-        calls.append(1)
-        return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == 3 else parts
-
-    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
+def test_non_finite_loss_advice_is_a_command_that_works(tmp_path, token_store, nan_loss_at_call):
+    nan_loss_at_call(3)
     out = tmp_path / "run"
     line = assert_one_line_error(pretrain(out, token_store, "--max-steps", "4", "--save-every", "2", "--lr", "1e-3"),
                                  "non-finite loss at step 3")

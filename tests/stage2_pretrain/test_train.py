@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cocomix.core.errors import CocomixError, ConfigError
-from cocomix.stage2_pretrain import train as train_mod
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.optim import lr_ratio
 from cocomix.stage2_pretrain.plan import make_plan
@@ -100,15 +99,8 @@ def test_non_empty_out_is_refused_unless_overwrite(tmp_path, token_store):
     assert len(records(res.out)) == 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_store, monkeypatch):
-    real, calls = train_mod.forward_backward, []
-
-    def poisoned(run, batch):
-        parts = real(run, batch)
-        calls.append(1)
-        return {**parts, "ntp_loss": parts["ntp_loss"] * float("nan")} if len(calls) == 3 else parts
-
-    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_store, nan_loss_at_call):
+    nan_loss_at_call(3)
     with pytest.raises(CocomixError, match="non-finite loss at step 3"):
         pretrain(tmp_path / "run", token_store, max_steps=6)
     from cocomix.stage2_pretrain.checkpoint import latest_checkpoint
