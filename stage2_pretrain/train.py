@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -132,25 +135,51 @@ def maybe_save(run: Run, state: ckpt_io.TrainerState, force: bool) -> Path | Non
                                    tokenizer=run.tokenizer, keep_last=run.cfg.keep_last)
 
 
+@contextmanager
+def interrupts_between_steps() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C stops the run between steps: the first one is noted and the loop raises KeyboardInterrupt
+    before its next step, so the interrupt is never lost (raised inside a finalizer, it would be printed
+    as "Exception ignored" and the run would go on) nor cuts a checkpoint short; a second Ctrl-C
+    interrupts at once. Outside the main thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    noted: list[int] = []
+
+    def note(signum, frame) -> None:
+        if noted:
+            raise KeyboardInterrupt
+        noted.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(noted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(run: Run, state: ckpt_io.TrainerState) -> tuple[ckpt_io.TrainerState, dict | None, PplResult | None]:
     """Steps from ``state`` to ``max_steps``: step, log, maybe evaluate, maybe checkpoint."""
     plan, record, ppl = run.plan, None, None
     tokens_per_step = plan.global_windows * plan.context
     run.model.train()
     batches = prefetch(run.stream.steps(state.data), depth=2)
-    try:
-        while state.step < plan.max_steps:
-            batch = next(batches)
-            lr = run.scheduler.get_last_lr()[0]
-            values = train_step(run, state.step, batch)
-            state = ckpt_io.TrainerState(state.step + 1, batch.state)
-            logged = {k: v for k, v in values._asdict().items() if v is not None}
-            record = run.runlog.train_step(state.step, logged, tokens_per_step, lr) or record
-            last = state.step == plan.max_steps
-            ppl = maybe_evaluate(run, state.step, force=last) or ppl
-            maybe_save(run, state, force=last)
-    finally:
-        batches.close()
+    with interrupts_between_steps() as interrupted:
+        try:
+            while state.step < plan.max_steps:
+                if interrupted():
+                    raise KeyboardInterrupt
+                batch = next(batches)
+                lr = run.scheduler.get_last_lr()[0]
+                values = train_step(run, state.step, batch)
+                state = ckpt_io.TrainerState(state.step + 1, batch.state)
+                logged = {k: v for k, v in values._asdict().items() if v is not None}
+                record = run.runlog.train_step(state.step, logged, tokens_per_step, lr) or record
+                last = state.step == plan.max_steps
+                ppl = maybe_evaluate(run, state.step, force=last) or ppl
+                maybe_save(run, state, force=last)
+        finally:
+            batches.close()
     return state, record, ppl
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cocomix.core.errors import CocomixError, ConfigError
+from cocomix.stage2_pretrain import train as train_mod
 from cocomix.stage2_pretrain.config import PretrainConfig
 from cocomix.stage2_pretrain.optim import lr_ratio
 from cocomix.stage2_pretrain.plan import make_plan
@@ -308,3 +309,40 @@ def test_the_block_check_ahead_helper_changes_nothing_a_run_computes(tmp_path, t
 
     wa, wb = (load_file(x.final / "model.safetensors") for x in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_is_noted_and_stops_the_loop_between_steps():
+    """The first SIGINT only marks the run (so it cannot be swallowed mid-step); a second one interrupts at once;
+    the previous handler comes back."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with train_mod.interrupts_between_steps() as interrupted:
+        assert not interrupted()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_mid_run_stops_before_the_next_step(tmp_path, token_store, monkeypatch):
+    import os
+    import signal
+
+    real, steps = train_mod.train_step, []
+
+    def step_then_ctrl_c(run, step, batch):
+        steps.append(step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives inside the step
+        return real(run, step, batch)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tmp_path / "run", token_store, max_steps=6, save_every=1)
+    assert steps == [0, 1]  # step 1 finished (and was checkpointed), step 2 never started
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
